@@ -1,0 +1,127 @@
+"""Checkpoint files: atomic writes, safe reads.
+
+- best.safetensors / last.safetensors: model weights in safetensors, with the JSON metadata
+  that rebuilds the model (model name, config, epoch, metrics) stored in the same file's
+  header, so weights and metadata can never disagree.
+- resume.pt: the whole training state (see train.py), a plain dict of tensors and numbers
+  read back with torch.load(weights_only=True), which refuses arbitrary pickled objects.
+
+Every write goes to a temporary file in the same folder, is flushed to disk, and then
+os.replace()s the old file: a kill at any moment leaves either the old or the new file,
+never a torn one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import UserError
+
+FORMAT = "fmnist-accel/1"
+METADATA_KEY = "fmnist_accel"
+CHECKPOINT_NAMES = ("best", "last")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call write(tmp_path), fsync it, then rename it over `path` in one step."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual mode
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (best effort: not every filesystem allows it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    def write(tmp: str) -> None:
+        Path(tmp).write_text(text)
+
+    atomic_write(path, write)
+
+
+def save_model_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    header = {METADATA_KEY: json.dumps({"format": FORMAT, **metadata})}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def load_model_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state_dict, metadata) of a checkpoint written by save_model_checkpoint.
+
+    Raises UserError with one line for anything else: a missing file, a file that is not
+    safetensors, a truncated one, or a safetensors file without our metadata.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        state_dict = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path} is not a readable checkpoint ({reason})") from None
+    try:
+        metadata = json.loads(header[METADATA_KEY])
+    except (KeyError, json.JSONDecodeError):
+        raise UserError(
+            f"{path} is a safetensors file but not an fmnist-accel checkpoint"
+        ) from None
+    if metadata.get("format") != FORMAT:
+        raise UserError(
+            f"{path} has checkpoint format {metadata.get('format')!r}, expected {FORMAT}"
+        )
+    return state_dict, metadata
+
+
+def save_resume_state(path: Path, state: dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: torch.save({"format": FORMAT, **state}, tmp))
+
+
+def load_resume_state(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"no resume state at {path}") from None
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a bad file
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{path} is not a readable resume state ({reason})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise UserError(f"{path} is not an fmnist-accel resume state")
+    return state

@@ -1,0 +1,225 @@
+"""Every training option, defined once.
+
+`fmnist-accel train`, `python -m fmnist_accel.train` and `accelerate launch -m
+fmnist_accel.train` all build their options from TrainConfig's fields (see cli.py), and the
+resolved config is written into every run folder and checkpoint. The layers, lowest first:
+the field defaults below (the seed's recipe, made fast), then a named --recipe, then the
+options the user typed.
+
+This module imports no torch, so that `fmnist-accel --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+MODEL_NAMES = ("mlp", "cnn", "cnn-bn", "resnet9")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+def option(default: Any, help: str, **click_settings: Any) -> Any:
+    """A dataclass field that also carries its command-line help and constraints.
+
+    click_settings: choices=(...), min=number, min_open=True (strictly greater), group=str.
+    """
+    return field(default=default, metadata={"help": help, **click_settings})
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train -----------------------------------------------------------------
+    recipe: str = option(
+        "default",
+        "Named set of defaults: 'default' is the seed's recipe (Adam, ReduceLROnPlateau, early "
+        "stopping) in large batches; 'high-accuracy' is a ResNet-9 with on-device crop/flip, "
+        "label smoothing, SGD+OneCycle. Options you give override the recipe.",
+        choices=("default", "high-accuracy"),
+    )
+    model: str = option(
+        "cnn-bn",
+        "mlp, cnn (the seed's basic CNN), cnn-bn (the seed's improved CNN) or resnet9.",
+        choices=MODEL_NAMES,
+    )
+    epochs: int = option(50, "Maximum number of epochs (the seed trained 50).", min=1)
+    batch_size: int = option(
+        256,
+        "Training images per process per step. The global batch is this times the number of "
+        "processes (see --scale-lr).",
+        min=1,
+    )
+    eval_batch_size: int = option(
+        1024, "Images per process per forward pass in validation and evaluation.", min=1
+    )
+
+    # --- optimisation ------------------------------------------------------------------
+    optimizer: str = option(
+        "adam", "adam (the seed's) or sgd (Nesterov momentum).", choices=("adam", "sgd")
+    )
+    lr: float = option(
+        1e-3, "Learning rate (peak learning rate for onecycle).", min=0, min_open=True
+    )
+    scale_lr: bool = option(
+        False,
+        "Multiply --lr by the number of processes, so that the step size follows the global "
+        "batch (linear scaling rule).",
+    )
+    momentum: float = option(0.9, "SGD momentum (only with --optimizer sgd).", min=0)
+    weight_decay: float = option(0.0, "L2 weight decay.", min=0)
+    label_smoothing: float = option(0.0, "Label smoothing of the training loss.", min=0)
+    scheduler: str = option(
+        "plateau",
+        "plateau: ReduceLROnPlateau on the global validation loss, stepped once per epoch; "
+        "onecycle or cosine: a fixed schedule stepped every optimizer step; none.",
+        choices=("plateau", "onecycle", "cosine", "none"),
+    )
+    plateau_patience: int = option(
+        5,
+        "ReduceLROnPlateau patience: the LR is multiplied by --plateau-factor at the first "
+        "epoch whose validation loss has failed to improve (by a relative 1e-4) for more "
+        "than this many epochs in a row.",
+        min=0,
+    )
+    plateau_factor: float = option(0.1, "ReduceLROnPlateau factor.", min=0, min_open=True)
+    early_stopping: bool = option(True, "Stop when the validation loss stops improving.")
+    early_stopping_patience: int = option(
+        10,
+        "Early stopping, as in the seed: an epoch 'improves' when its global validation loss "
+        "is lower than the best so far by more than --early-stopping-min-delta; training "
+        "stops at the end of the epoch that makes the count of consecutive non-improving "
+        "epochs exceed this number (patience 10: the 11th bad epoch in a row stops).",
+        min=0,
+    )
+    early_stopping_min_delta: float = option(
+        0.0, "Smallest decrease of the validation loss that counts as an improvement.", min=0
+    )
+    best_metric: str = option(
+        "valid_accuracy",
+        "Metric that selects the best checkpoint (the seed's option 2: validation accuracy).",
+        choices=("valid_accuracy", "valid_loss"),
+    )
+
+    # --- data and regularisation ---------------------------------------------------------
+    data_dir: str = option(
+        "data",
+        "Folder holding FashionMNIST/raw/*-ubyte[.gz] (torchvision's layout); missing files "
+        "are downloaded. May be read-only when the files are there.",
+    )
+    valid_size: int = option(
+        10000,
+        "Training images held out for validation (the seed's 50k/10k split). 0 trains on all "
+        "60k: then there is no validation, so no plateau scheduler, early stopping or best "
+        "checkpoint.",
+        min=0,
+    )
+    augment: bool = option(
+        False, "On-device augmentation of training batches: random crop (pad 2) and flip."
+    )
+    ema_decay: float = option(
+        0.0,
+        "Keep an exponential moving average of the weights with this decay (e.g. 0.999) and "
+        "validate and save it instead of the raw weights; 0 turns it off.",
+        min=0,
+    )
+    seed: int = option(0, "Seed of the train/validation split, data order, init and dropout.")
+
+    # --- hardware and speed -----------------------------------------------------------------
+    mixed_precision: str | None = option(
+        None,
+        "no, fp16 or bf16; when not given, the launcher's setting (accelerate config or "
+        "--mixed_precision) decides.",
+        choices=MIXED_PRECISION,
+    )
+    channels_last: bool = option(
+        True,
+        "Channels-last memory format for convolutions: faster on GPUs (tensor cores) and, "
+        "with oneDNN, on CPUs too.",
+    )
+    compile: bool = option(False, "torch.compile the model (slower start, faster steps).")
+    deterministic: bool = option(
+        False, "torch.use_deterministic_algorithms(True): bitwise repeatable runs, slower."
+    )
+
+    # --- outputs --------------------------------------------------------------------------------
+    output_dir: str = option("runs", "Folder that holds one sub-folder per run.")
+    run_name: str | None = option(
+        None, "Name of this run's folder (default: a timestamp and the model name)."
+    )
+    resume: str | None = option(
+        None,
+        "Continue an interrupted run: 'auto' resumes --run-name (or the newest unfinished "
+        "run) if it has saved state and starts fresh otherwise; a path names a run folder.",
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Named recipes: overrides of the field defaults. Options the user types win over these.
+RECIPES: dict[str, dict[str, Any]] = {
+    "default": {},
+    # The DAWNBench-shaped ResNet-9 probe of DESIGN.md section 5, made a recipe: fixed
+    # OneCycle schedule, so early stopping and the plateau scheduler are off.
+    "high-accuracy": {
+        "model": "resnet9",
+        "epochs": 40,
+        "batch_size": 512,
+        "optimizer": "sgd",
+        "lr": 0.4,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "label_smoothing": 0.1,
+        "scheduler": "onecycle",
+        "early_stopping": False,
+        "augment": True,
+    },
+}
+
+# Options that may differ from the saved config when a run is resumed: where things are and
+# how long to go on. Anything else would silently make a different run.
+RESUMABLE_OVERRIDES = frozenset(
+    {"epochs", "data_dir", "output_dir", "run_name", "resume", "compile", "eval_batch_size"}
+)
+
+
+def config_fields() -> list[dataclasses.Field]:
+    return list(dataclasses.fields(TrainConfig))
+
+
+def resolve_config(explicit: dict[str, Any]) -> TrainConfig:
+    """Field defaults, then the recipe, then the options the user gave (None = not given)."""
+    given = {k: v for k, v in explicit.items() if v is not None}
+    recipe = given.get("recipe", TrainConfig.recipe)
+    values = {**RECIPES[recipe], **given}
+    return TrainConfig(**values)
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """Rebuild a config saved by an earlier run; unknown keys mean another version wrote it."""
+    names = {f.name for f in config_fields()}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}")
+    return TrainConfig(**values)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Rules that involve more than one option; raises ValueError with a one-line reason."""
+    train_images = 60000 - cfg.valid_size
+    if train_images < 1:
+        raise ValueError(f"--valid-size {cfg.valid_size} leaves no training images (60000 in all)")
+    if cfg.valid_size == 0:
+        if cfg.scheduler == "plateau":
+            raise ValueError(
+                "--valid-size 0 leaves no validation loss for the plateau scheduler; "
+                "use --scheduler onecycle, cosine or none"
+            )
+        if cfg.early_stopping:
+            raise ValueError("--valid-size 0 leaves no validation loss; add --no-early-stopping")
+    if cfg.ema_decay >= 1:
+        raise ValueError(f"--ema-decay must be below 1, got {cfg.ema_decay}")
+    if cfg.label_smoothing >= 1:
+        raise ValueError(f"--label-smoothing must be below 1, got {cfg.label_smoothing}")
+    if cfg.plateau_factor >= 1:
+        raise ValueError(f"--plateau-factor must be below 1, got {cfg.plateau_factor}")

@@ -1,0 +1,178 @@
+"""Fashion-MNIST from IDX files: find, download, read, validate, split.
+
+The files live in torchvision's layout, DIR/FashionMNIST/raw/<name>[.gz]. They are read
+directly (gzip or plain), so DIR may be read-only. Only missing files are downloaded, with
+torchvision's own mirrors and checksums.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+CLASS_NAMES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+NUM_CLASSES = len(CLASS_NAMES)
+IMAGE_SIZE = 28
+# Training-set pixel statistics (of x/255), used to normalise every split.
+MEAN = 0.2860
+STD = 0.3530
+
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+SPLIT_SIZES = {"train": 60000, "test": 10000}
+IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
+LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
+
+
+@dataclass
+class Split:
+    """Images as uint8 (N, 28, 28) and labels as int64 (N,), on the CPU."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: torch.Tensor) -> Split:
+        return Split(self.images[indices], self.labels[indices])
+
+
+def raw_dir(data_dir: str | os.PathLike) -> Path:
+    return Path(data_dir) / "FashionMNIST" / "raw"
+
+
+def find_file(data_dir: str | os.PathLike, name: str) -> Path | None:
+    """The plain file if present, else the gzipped one, else None."""
+    folder = raw_dir(data_dir)
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def missing_files(data_dir: str | os.PathLike, split: str) -> list[str]:
+    return [name for name in FILES[split] if find_file(data_dir, name) is None]
+
+
+def download(data_dir: str | os.PathLike, names: list[str]) -> None:
+    """Fetch the named files (as .gz) with torchvision's mirrors and MD5 sums.
+
+    Raises UserError naming the files and the folder when it cannot.
+    """
+    from torchvision.datasets import FashionMNIST
+    from torchvision.datasets.utils import download_url
+
+    folder = raw_dir(data_dir)
+    wanted = ", ".join(f"{n}.gz" for n in names)
+    hint = f"put {wanted} (or the unpacked files) into {folder}/"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"Fashion-MNIST files missing and {folder} cannot be created ({exc.strerror}): {hint}"
+        ) from None
+    checksums = dict(FashionMNIST.resources)
+    for name in names:
+        archive = f"{name}.gz"
+        errors = []
+        for mirror in FashionMNIST.mirrors:
+            try:
+                download_url(
+                    mirror + archive, str(folder), filename=archive, md5=checksums[archive]
+                )
+                break
+            except Exception as exc:  # noqa: BLE001 - any network or checksum failure
+                errors.append(f"{mirror}: {type(exc).__name__}")
+                (folder / archive).unlink(missing_ok=True)
+        else:
+            raise UserError(
+                f"Fashion-MNIST files missing and the download failed ({'; '.join(errors)}): {hint}"
+            )
+
+
+def read_idx(path: Path, magic: int, shape_tail: tuple[int, ...]) -> torch.Tensor:
+    """Read one IDX file of unsigned bytes, checking its magic number, shape and size."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        else:
+            raw = path.read_bytes()
+    except (OSError, EOFError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    ndim = len(shape_tail) + 1
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise UserError(f"{path} is not an IDX file: only {len(raw)} bytes")
+    found = int.from_bytes(raw[:4], "big")
+    if found != magic:
+        raise UserError(
+            f"{path} is not the expected IDX file: magic number 0x{found:08x}, "
+            f"expected 0x{magic:08x}"
+        )
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    if dims[1:] != shape_tail:
+        raise UserError(f"{path} holds items of shape {dims[1:]}, expected {shape_tail}")
+    expected = header + dims[0] * math.prod(shape_tail)
+    if len(raw) != expected:
+        raise UserError(
+            f"{path} is truncated or corrupt: {len(raw)} bytes, its header promises {expected}"
+        )
+    data = torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8)
+    return data.view(dims)
+
+
+def load_split(data_dir: str | os.PathLike, split: str, allow_download: bool = True) -> Split:
+    """Images and labels of 'train' (60k) or 'test' (10k), downloading missing files."""
+    missing = missing_files(data_dir, split)
+    if missing:
+        if not allow_download:
+            raise UserError(
+                f"Fashion-MNIST files missing: put {', '.join(missing)}[.gz] into "
+                f"{raw_dir(data_dir)}/"
+            )
+        download(data_dir, missing)
+    image_name, label_name = FILES[split]
+    images = read_idx(find_file(data_dir, image_name), IMAGES_MAGIC, (IMAGE_SIZE, IMAGE_SIZE))
+    labels = read_idx(find_file(data_dir, label_name), LABELS_MAGIC, ()).long()
+    if len(images) != len(labels):
+        raise UserError(
+            f"{raw_dir(data_dir)}: {split} has {len(images)} images but {len(labels)} labels"
+        )
+    if len(labels) and int(labels.max()) >= NUM_CLASSES:
+        raise UserError(f"{raw_dir(data_dir)}: {split} labels go up to {int(labels.max())}, not 9")
+    return Split(images, labels)
+
+
+def train_valid_split(train: Split, valid_size: int, seed: int) -> tuple[Split, Split]:
+    """The seed's random 50k/10k split, made repeatable: a permutation seeded by `seed`.
+
+    With fewer training images than the full 60k (generated test data), the validation part
+    shrinks in proportion so both sides keep images.
+    """
+    n = len(train)
+    if valid_size and n < SPLIT_SIZES["train"]:
+        valid_size = max(1, n * valid_size // SPLIT_SIZES["train"])
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return train.subset(order[valid_size:]), train.subset(order[:valid_size])

@@ -1,0 +1,204 @@
+"""One training epoch, exact evaluation, early stopping.
+
+Nothing here reads a value back to the host inside the step loop except the periodic
+`check` (every CHECK_EVERY steps), which is also where all ranks agree to stop: a signal
+or a non-finite loss on any one rank stops every rank at the same step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import NUM_CLASSES
+
+# Steps between two cross-rank checks for stop requests and non-finite losses: each check
+# is one tiny all-reduce and one host synchronisation.
+CHECK_EVERY = 25
+
+STOP_SIGNAL = "signal"
+STOP_NONFINITE = "non-finite loss"
+
+
+def training_loss(
+    logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float
+) -> torch.Tensor:
+    """Mean cross-entropy of a batch, computed in fp32 whatever the autocast dtype."""
+    return F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+
+
+@dataclass
+class EpochProgress:
+    """Where an epoch stands on this rank: enough to continue it after a resume."""
+
+    step: int = 0  # next step to run
+    loss_sum: float = 0.0  # sum of per-sample training losses so far on this rank
+    count: int = 0  # training samples seen so far on this rank
+
+
+@dataclass
+class EpochResult:
+    progress: EpochProgress
+    stop: str | None = None  # None, STOP_SIGNAL or STOP_NONFINITE
+    nonfinite_ranks: list[int] = field(default_factory=list)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer,
+    accelerator,
+    batches: Callable[[int], tuple[torch.Tensor, torch.Tensor]],
+    steps: int,
+    *,
+    start: EpochProgress,
+    label_smoothing: float = 0.0,
+    step_scheduler=None,
+    stop_requested: Callable[[], bool] = lambda: False,
+    on_step: Callable[[int], None] = lambda step: None,
+) -> EpochResult:
+    """Run steps start.step .. steps-1 of one epoch; stop early if any rank asks to."""
+    model.train()
+    device = accelerator.device
+    loss_sum = torch.tensor(start.loss_sum, device=device, dtype=torch.float64)
+    count = start.count
+    step = start.step
+    while step < steps:
+        x, y = batches(step)
+        loss = training_loss(model(x), y, label_smoothing)
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step_scheduler is not None:
+            step_scheduler.step()
+        loss_sum += loss.detach().double() * len(y)
+        count += len(y)
+        step += 1
+        on_step(step)
+        if step % CHECK_EVERY == 0 or step == steps:
+            stop, bad_ranks = check_stop(accelerator, stop_requested(), loss_sum)
+            if stop:
+                return EpochResult(EpochProgress(step, loss_sum.item(), count), stop, bad_ranks)
+    return EpochResult(EpochProgress(step, loss_sum.item(), count))
+
+
+def check_stop(
+    accelerator, signalled: bool, loss_sum: torch.Tensor
+) -> tuple[str | None, list[int]]:
+    """Collective: every rank must call it at the same step. Returns (reason, bad ranks)."""
+    world = accelerator.num_processes
+    flags = torch.zeros(2 * world, device=accelerator.device)
+    flags[accelerator.process_index] = float(signalled)
+    flags[world + accelerator.process_index] = float(not torch.isfinite(loss_sum))
+    flags = accelerator.reduce(flags, "sum").tolist()
+    nonfinite = [r for r in range(world) if flags[world + r]]
+    if nonfinite:
+        return STOP_NONFINITE, nonfinite
+    if any(flags[:world]):
+        return STOP_SIGNAL, []
+    return None, []
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float
+    num_samples: int
+    confusion: list[list[int]]  # confusion[true][predicted]
+
+    @property
+    def per_class_accuracy(self) -> list[float]:
+        return [row[i] / max(1, sum(row)) for i, row in enumerate(self.confusion)]
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, eval_set, accelerator, batch_size: int, tta: bool = False
+) -> EvalResult:
+    """Exact loss and accuracy over all samples of every rank's shard.
+
+    Each rank sums per-sample losses and fills a confusion matrix for its own shard (the
+    shards never overlap, so nothing is padded or duplicated); one all-reduce adds them up.
+    `model` must be the plain module (not DDP): shards differ in size, so no collective may
+    run per batch. tta: average the logits of each image and its horizontal mirror.
+    """
+    was_training = model.training
+    model.eval()
+    device = accelerator.device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    confusion = torch.zeros(NUM_CLASSES * NUM_CLASSES, device=device, dtype=torch.float64)
+    with accelerator.autocast():
+        for x, y in eval_set.batches(batch_size):
+            logits = model(x).float()
+            if tta:
+                logits = (logits + model(x.flip(-1)).float()) / 2
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+            confusion += torch.bincount(
+                y * NUM_CLASSES + logits.argmax(1), minlength=NUM_CLASSES**2
+            ).double()
+    totals = accelerator.reduce(torch.cat([loss_sum[None], confusion]), "sum").cpu()
+    model.train(was_training)
+    matrix = totals[1:].round().long().view(NUM_CLASSES, NUM_CLASSES)
+    n = int(matrix.sum())
+    return EvalResult(
+        loss=float(totals[0]) / n,
+        accuracy=int(matrix.trace()) / n,
+        num_samples=n,
+        confusion=matrix.tolist(),
+    )
+
+
+def average_buffers(module: nn.Module, accelerator) -> None:
+    """Make floating-point buffers (BatchNorm running statistics) the mean over ranks.
+
+    DDP runs with broadcast_buffers=False (no broadcast before every forward), so each rank's
+    running statistics follow its own shard; averaging them once before validation and
+    checkpointing gives every rank the same model, built from all ranks' data.
+    """
+    if accelerator.num_processes == 1:
+        return
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    if not buffers:
+        return
+    flat = torch.cat([b.detach().reshape(-1).float() for b in buffers])
+    flat = accelerator.reduce(flat, "mean")
+    offset = 0
+    for b in buffers:
+        b.copy_(flat[offset : offset + b.numel()].view_as(b))
+        offset += b.numel()
+
+
+class EarlyStopping:
+    """Stop when the monitored loss stops improving, with the seed's counting.
+
+    An epoch improves when its loss is below the best so far by more than min_delta; it
+    then becomes the best and the count of bad epochs returns to 0. Otherwise the count
+    grows by one, and `step` returns True once the count exceeds `patience`: with
+    patience 10, the 11th non-improving epoch in a row stops training (the seed's
+    `trigger > patience`, and the same counting as torch's ReduceLROnPlateau).
+    """
+
+    def __init__(self, patience: int, min_delta: float = 0.0):
+        self.patience = patience
+        self.min_delta = min_delta
+        self.best = math.inf
+        self.bad_epochs = 0
+
+    def step(self, loss: float) -> bool:
+        if loss < self.best - self.min_delta:
+            self.best = loss
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+        return self.bad_epochs > self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = float(state["best"])
+        self.bad_epochs = int(state["bad_epochs"])

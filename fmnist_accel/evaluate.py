@@ -1,0 +1,96 @@
+"""`fmnist-accel eval`: test-set metrics of one checkpoint, on one or several processes."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from .data import CLASS_NAMES, load_split
+from .device_data import EvalSet
+from .engine import EvalResult, evaluate
+from .hardware import make_accelerator
+from .inference import data_dir_for, model_from_checkpoint
+from .rundir import resolve_checkpoint
+
+
+def run_eval(
+    checkpoint: str,
+    run_dir: str | None,
+    output_dir: str,
+    data_dir: str | None,
+    batch_size: int,
+    tta: bool,
+    as_json: bool,
+) -> int:
+    path = resolve_checkpoint(checkpoint, run_dir, output_dir)
+    model, meta = model_from_checkpoint(path)
+    accelerator = make_accelerator()
+    test = load_split(data_dir_for(meta, data_dir), "test")
+    channels_last = True  # faster convolutions on GPUs and on oneDNN CPUs alike
+    test_set = EvalSet(
+        test,
+        accelerator.device,
+        accelerator.num_processes,
+        accelerator.process_index,
+        channels_last,
+    )
+    model = model.to(accelerator.device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    result = evaluate(model, test_set, accelerator, batch_size, tta=tta)
+    if accelerator.is_main_process:
+        report = eval_report(result, str(path), meta, tta, accelerator.num_processes)
+        if as_json:
+            print(json.dumps(report))
+        else:
+            print_tables(report)
+    return 0
+
+
+def eval_report(result: EvalResult, path: str, meta: dict, tta: bool, processes: int) -> dict:
+    return {
+        "checkpoint": path,
+        "model": meta.get("model"),
+        "epoch": meta.get("epoch"),
+        "accuracy": result.accuracy,
+        "loss": result.loss,
+        "num_samples": result.num_samples,
+        "per_class_accuracy": dict(zip(CLASS_NAMES, result.per_class_accuracy, strict=True)),
+        "confusion_matrix": result.confusion,
+        "classes": list(CLASS_NAMES),
+        "tta": tta,
+        "num_processes": processes,
+    }
+
+
+def print_tables(report: dict) -> None:
+    console = Console(highlight=False)
+    console.print(
+        f"{report['checkpoint']} ({report['model']}, epoch {report['epoch']})"
+        + (", flip TTA" if report["tta"] else "")
+    )
+    console.print(
+        f"test loss {report['loss']:.4f}  accuracy {report['accuracy']:.4f}  "
+        f"({report['num_samples']:,} images)"
+    )
+    per_class = Table(title="per-class accuracy")
+    per_class.add_column("class")
+    per_class.add_column("accuracy", justify="right")
+    per_class.add_column("images", justify="right")
+    for name, row in zip(report["classes"], report["confusion_matrix"], strict=True):
+        per_class.add_row(name, f"{report['per_class_accuracy'][name]:.4f}", f"{sum(row):,}")
+    console.print(per_class)
+    confusion = Table(title="confusion matrix (rows: true class, columns: predicted)")
+    confusion.add_column("")
+    for i in range(len(report["classes"])):
+        confusion.add_column(str(i), justify="right")
+    for i, (name, row) in enumerate(
+        zip(report["classes"], report["confusion_matrix"], strict=True)
+    ):
+        confusion.add_row(
+            f"{i} {name}", *(f"[bold]{n}[/]" if j == i else str(n) for j, n in enumerate(row))
+        )
+    console.print(confusion)

@@ -1,0 +1,51 @@
+"""Stop requests: SIGTERM, SIGUSR1 (SLURM's warning signal) and SIGINT (Ctrl-C).
+
+The first signal only sets a flag; the training loop sees it at its next cross-rank check,
+every rank finishes the step it is in, saves the resume state together with the others,
+and exits with EXIT_PREEMPTED. A second signal exits at once (files being written are
+safe: every write is atomic).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+class StopRequest:
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __bool__(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    def install(self) -> StopRequest:
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            os.write(
+                2, f"second stop signal ({signal.Signals(signum).name}): exiting now\n".encode()
+            )
+            os._exit(128 + signum)
+        self.signum = signum
+        # os.write, not print: a handler may interrupt a print in progress.
+        os.write(
+            2,
+            f"received {signal.Signals(signum).name}: finishing the current step and saving the "
+            "resume state; send it again to exit at once\n".encode(),
+        )

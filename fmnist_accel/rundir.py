@@ -1,0 +1,147 @@
+"""The run folder: its name, its files, and finding runs and checkpoints again.
+
+    runs/NAME/
+      config.json          the resolved options of the run
+      metrics.jsonl        one JSON object per finished epoch
+      best.safetensors     weights with the best validation metric (+ metadata)
+      last.safetensors     weights of the latest finished epoch (+ metadata)
+      resume.pt            everything needed to continue the run (--resume)
+      summary.json         how the run ended (written when it ends, also when stopped)
+      tensorboard/         TensorBoard events
+
+Only the main process writes here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from .checkpoint import CHECKPOINT_NAMES, atomic_write_text
+from .errors import UserError
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+RESUME = "resume.pt"
+SUMMARY = "summary.json"
+TENSORBOARD = "tensorboard"
+FINISHED_STATUSES = ("completed", "early-stopped")
+
+
+def checkpoint_path(run_dir: Path, name: str) -> Path:
+    return Path(run_dir) / f"{name}.safetensors"
+
+
+def default_run_name(model: str) -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{model}"
+
+
+def unique_run_dir(output_dir: Path, name: str) -> Path:
+    """output_dir/name, or name-2, name-3, ... if that is taken (two runs in one second)."""
+    candidate, n = Path(output_dir) / name, 2
+    while candidate.exists():
+        candidate, n = Path(output_dir) / f"{name}-{n}", n + 1
+    return candidate
+
+
+def is_run_dir(path: Path) -> bool:
+    return (Path(path) / CONFIG).is_file()
+
+
+def runs_newest_first(output_dir: Path) -> list[Path]:
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    runs = [p for p in output_dir.iterdir() if is_run_dir(p)]
+    return sorted(runs, key=lambda p: (p / CONFIG).stat().st_mtime, reverse=True)
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def run_status(run_dir: Path) -> str | None:
+    summary = read_json(Path(run_dir) / SUMMARY)
+    return summary.get("status") if summary else None
+
+
+def resolve_run_dir(run_dir: str | None, output_dir: str) -> Path:
+    """The run folder the user named, or the newest run in output_dir."""
+    if run_dir is not None:
+        path = Path(run_dir)
+        if not is_run_dir(path):
+            raise UserError(f"{path} is not a run folder (it has no {CONFIG})")
+        return path
+    runs = runs_newest_first(Path(output_dir))
+    if not runs:
+        raise UserError(
+            f"no runs in {output_dir}/: train one first (fmnist-accel train) or pass --run-dir"
+        )
+    return runs[0]
+
+
+def resolve_checkpoint(spec: str, run_dir: str | None, output_dir: str) -> Path:
+    """'best' or 'last' of a run (--run-dir, else the newest), or a checkpoint file path."""
+    if spec in CHECKPOINT_NAMES:
+        folder = resolve_run_dir(run_dir, output_dir)
+        path = checkpoint_path(folder, spec)
+        if not path.is_file():
+            raise UserError(f"run {folder} has no {spec} checkpoint ({path.name} not found)")
+        return path
+    path = Path(spec)
+    if path.is_dir():
+        raise UserError(
+            f"{path} is a folder: name a checkpoint file, or use best|last --run-dir {path}"
+        )
+    if not path.is_file():
+        raise UserError(
+            f"no checkpoint {spec!r}: give best, last or the path of a .safetensors file"
+        )
+    return path
+
+
+def check_writable(folder: Path) -> None:
+    """Create `folder` and prove a file can be written there, before any training starts."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to {folder}: {exc.strerror or exc}") from None
+
+
+class MetricsLog:
+    """metrics.jsonl: one object per finished epoch, appended and flushed."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / METRICS
+
+    def keep_epochs_up_to(self, last_epoch: int) -> None:
+        """On resume, drop records of epochs after the resume point (they will be redone)."""
+        if not self.path.exists():
+            return
+        kept = [r for r in self.read() if r.get("epoch", 0) <= last_epoch]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    def read(self) -> list[dict]:
+        """The records; a line torn by a kill in mid-append is skipped."""
+        if not self.path.exists():
+            return []
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return records
