@@ -99,9 +99,9 @@ def load_model_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         metadata = json.loads(header[METADATA_KEY])
     except (KeyError, json.JSONDecodeError):
-        raise UserError(
-            f"{path} is a safetensors file but not an fmnist-accel checkpoint"
-        ) from None
+        metadata = None
+    if not isinstance(metadata, dict):
+        raise UserError(f"{path} is a safetensors file but not an fmnist-accel checkpoint")
     if metadata.get("format") != FORMAT:
         raise UserError(
             f"{path} has checkpoint format {metadata.get('format')!r}, expected {FORMAT}"
@@ -121,6 +121,8 @@ def load_resume_state(path: Path) -> dict[str, Any]:
         raise UserError(f"no resume state at {path}") from None
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a bad file
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        # torch's reasons run on with advice for several sentences: keep the first.
+        reason = reason.split(". ")[0]
         raise UserError(f"{path} is not a readable resume state ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not an fmnist-accel resume state")

@@ -7,6 +7,7 @@ definition. torch is imported only inside the commands: `fmnist-accel --help` st
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import typing
@@ -15,6 +16,16 @@ import click
 
 from .config import RECIPES, TrainConfig, config_fields
 from .errors import EXIT_USER_ERROR, UserError
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that refuses nan and inf (a plain range check lets nan through)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 def _click_type(f) -> tuple[typing.Any, bool]:
@@ -27,8 +38,15 @@ def _click_type(f) -> tuple[typing.Any, bool]:
     if base is bool:
         return bool, True
     if base in (int, float) and "min" in meta:
-        range_type = click.IntRange if base is int else click.FloatRange
-        return range_type(min=meta["min"], min_open=meta.get("min_open", False)), False
+        range_type = click.IntRange if base is int else FiniteFloat
+        limits = {
+            "min": meta["min"],
+            "min_open": meta.get("min_open", False),
+            "max": meta.get("max"),
+        }
+        return range_type(**limits), False
+    if base is float:
+        return FiniteFloat(), False
     return base, False
 
 
@@ -61,7 +79,11 @@ def train_options(command):
     return command
 
 
-@click.command("train", context_settings={"max_content_width": 100})
+# The same -h/--help as the group's: `python -m fmnist_accel.train` runs this command alone.
+@click.command(
+    "train",
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @train_options
 def train_command(**options):
     """Train a model (defaults: cnn-bn with the seed's recipe, in large batches)."""

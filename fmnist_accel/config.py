@@ -22,7 +22,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 def option(default: Any, help: str, **click_settings: Any) -> Any:
     """A dataclass field that also carries its command-line help and constraints.
 
-    click_settings: choices=(...), min=number, min_open=True (strictly greater), group=str.
+    click_settings: choices=(...), min=number, min_open=True (strictly greater), max=number.
     """
     return field(default=default, metadata={"help": help, **click_settings})
 
@@ -122,7 +122,12 @@ class TrainConfig:
         "validate and save it instead of the raw weights; 0 turns it off.",
         min=0,
     )
-    seed: int = option(0, "Seed of the train/validation split, data order, init and dropout.")
+    seed: int = option(
+        0,
+        "Seed of the train/validation split, data order, init and dropout.",
+        min=0,
+        max=2**32 - 1,  # numpy's limit (accelerate's set_seed seeds numpy too)
+    )
 
     # --- hardware and speed -----------------------------------------------------------------
     mixed_precision: str | None = option(

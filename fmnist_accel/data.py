@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,7 +120,7 @@ def read_idx(path: Path, magic: int, shape_tail: tuple[int, ...]) -> torch.Tenso
                 raw = f.read()
         else:
             raw = path.read_bytes()
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # zlib.error: damaged gzip data
         raise UserError(f"cannot read {path}: {exc}") from None
     ndim = len(shape_tail) + 1
     header = 4 + 4 * ndim

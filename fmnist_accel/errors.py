@@ -14,3 +14,9 @@ class UserError(Exception):
     """Something the user can fix; its message is one line that says what and where."""
 
     exit_code = EXIT_USER_ERROR
+
+
+class TrainingDiverged(UserError):
+    """A non-finite loss stopped training; the message names the last good checkpoint."""
+
+    exit_code = EXIT_DIVERGED

@@ -28,6 +28,16 @@ def run_eval(
     path = resolve_checkpoint(checkpoint, run_dir, output_dir)
     model, meta = model_from_checkpoint(path)
     accelerator = make_accelerator()
+    try:
+        return evaluate_and_report(
+            accelerator, path, model, meta, data_dir, batch_size, tta, as_json
+        )
+    finally:
+        # Tear the process group down before exit: gloo's threads otherwise abort at exit.
+        accelerator.end_training()
+
+
+def evaluate_and_report(accelerator, path, model, meta, data_dir, batch_size, tta, as_json) -> int:
     test = load_split(data_dir_for(meta, data_dir), "test")
     channels_last = True  # faster convolutions on GPUs and on oneDNN CPUs alike
     test_set = EvalSet(
@@ -68,13 +78,18 @@ def eval_report(result: EvalResult, path: str, meta: dict, tta: bool, processes:
 
 def print_tables(report: dict) -> None:
     console = Console(highlight=False)
+    # soft_wrap: a long checkpoint path stays on one line (rich wraps at 80 columns when the
+    # output is not a terminal); markup=False: a path may contain [brackets].
     console.print(
         f"{report['checkpoint']} ({report['model']}, epoch {report['epoch']})"
-        + (", flip TTA" if report["tta"] else "")
+        + (", flip TTA" if report["tta"] else ""),
+        soft_wrap=True,
+        markup=False,
     )
     console.print(
         f"test loss {report['loss']:.4f}  accuracy {report['accuracy']:.4f}  "
-        f"({report['num_samples']:,} images)"
+        f"({report['num_samples']:,} images)",
+        soft_wrap=True,
     )
     per_class = Table(title="per-class accuracy")
     per_class.add_column("class")

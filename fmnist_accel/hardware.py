@@ -11,8 +11,9 @@ from .errors import UserError
 
 def wants_cpu() -> bool:
     """True without a GPU, or when the launcher asked for CPU (ACCELERATE_USE_CPU)."""
-    flag = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    return flag or not torch.cuda.is_available()
+    from accelerate.utils.environment import parse_flag_from_env
+
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
 
 
 def make_accelerator(mixed_precision: str | None = None, **kwargs):

@@ -15,9 +15,14 @@ def model_from_checkpoint(path: Path) -> tuple[nn.Module, dict]:
     """(model in eval mode, metadata); the architecture comes from the checkpoint itself."""
     state_dict, meta = load_model_checkpoint(path)
     name = meta.get("model")
-    if name not in MODELS:
+    if not isinstance(name, str) or name not in MODELS:
         raise UserError(f"{path} is for model {name!r}, which this version does not know")
     model = build_model(name)
+    mismatch = state_dict_mismatch(model.state_dict(), state_dict)
+    if mismatch:
+        raise UserError(
+            f"{path} does not fit the {name} architecture its metadata names ({mismatch})"
+        )
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
@@ -26,6 +31,28 @@ def model_from_checkpoint(path: Path) -> tuple[nn.Module, dict]:
             f"{path} does not fit the {name} architecture its metadata names ({first})"
         ) from None
     return model.eval(), meta
+
+
+def state_dict_mismatch(expected: dict, found: dict) -> str:
+    """'' when `found` has exactly the tensor names and shapes of `expected`, else a short
+    account of the differences, with the first example of each kind."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [
+        f"{k} {tuple(found[k].shape)} instead of {tuple(expected[k].shape)}"
+        for k in expected
+        if k in found and found[k].shape != expected[k].shape
+    ]
+    parts = [
+        f"{len(names)} {what}, e.g. {names[0]}"
+        for what, names in (
+            ("tensors missing", missing),
+            ("unexpected tensors", unexpected),
+            ("tensors of another shape", shapes),
+        )
+        if names
+    ]
+    return "; ".join(parts)
 
 
 def data_dir_for(meta: dict, data_dir: str | None) -> str:

@@ -2,21 +2,26 @@
 
 The first signal only sets a flag; the training loop sees it at its next cross-rank check,
 every rank finishes the step it is in, saves the resume state together with the others,
-and exits with EXIT_PREEMPTED. A second signal exits at once (files being written are
-safe: every write is atomic).
+and exits with EXIT_PREEMPTED. A second signal, more than a second after the first, exits at
+once (files being written are safe: every write is atomic).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+# A second signal this soon after the first is the same request delivered twice: SLURM signals
+# every process of a job (scancel, preemption, the time limit) and torchrun forwards its copy.
+DUPLICATE_WINDOW_S = 1.0
 
 
 class StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._first_at = 0.0
         self._previous: dict[int, object] = {}
 
     def __bool__(self) -> bool:
@@ -38,11 +43,14 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         if self.signum is not None:
+            if time.monotonic() - self._first_at < DUPLICATE_WINDOW_S:
+                return
             os.write(
                 2, f"second stop signal ({signal.Signals(signum).name}): exiting now\n".encode()
             )
             os._exit(128 + signum)
         self.signum = signum
+        self._first_at = time.monotonic()
         # os.write, not print: a handler may interrupt a print in progress.
         os.write(
             2,

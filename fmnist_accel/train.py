@@ -17,6 +17,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ from .engine import (
     evaluate,
     train_one_epoch,
 )
-from .errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, UserError
+from .errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, TrainingDiverged, UserError
 from .hardware import describe, make_accelerator
 from .models import build_model, count_parameters
 from .preemption import StopRequest
@@ -74,6 +75,10 @@ def make_training_accelerator(cfg: TrainConfig):
         # backward pass but pay a fixed latency per bucket that is larger than these kernels.
         bucket_cap_mb=25,
     )
+    # torch 2.14 deprecates broadcast_buffers in favour of forward_sync_buffers, which older
+    # torch (and accelerate's DistributedDataParallelKwargs) lack; the meaning we want is the
+    # same: no buffer broadcast before each forward.
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")
     return make_accelerator(
         cfg.mixed_precision,
         log_with="tensorboard",
@@ -274,14 +279,22 @@ def restore_rank_state(state: dict) -> EpochProgress:
 # --------------------------------------------------------------------------------------------
 def train(explicit: dict[str, Any]) -> int:
     """Run training with the options the user gave (None = not given). Returns the exit code."""
-    from accelerate.utils import gather_object, set_seed
-
     cfg = resolve_config(explicit)
     try:
         check_config(cfg)
     except ValueError as exc:
         raise UserError(str(exc)) from None
     accelerator = make_training_accelerator(cfg)
+    try:
+        return run_training(accelerator, explicit)
+    finally:
+        # Tear the process group down before exit: gloo's threads otherwise abort at exit.
+        accelerator.end_training()
+
+
+def run_training(accelerator, explicit: dict[str, Any]) -> int:
+    from accelerate.utils import gather_object, set_seed
+
     rank, world = accelerator.process_index, accelerator.num_processes
     reporter = Reporter(accelerator.is_main_process)
     stop_request = StopRequest().install()
@@ -299,8 +312,13 @@ def train(explicit: dict[str, Any]) -> int:
     state = plan.resume_state
 
     # Data: every rank reads the files (the local main process first, in case it downloads).
-    with accelerator.local_main_process_first():
-        full_train = load_split(cfg.data_dir, "train")
+    try:
+        with accelerator.local_main_process_first():
+            full_train = load_split(cfg.data_dir, "train")
+    except UserError:
+        if accelerator.is_main_process and state is None and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # made only to prove it writable: leave no empty run behind
+        raise
     train_split, valid_split = train_valid_split(full_train, cfg.valid_size, cfg.seed)
     stream = TrainStream(
         train_split, device, cfg.batch_size, world, rank, cfg.seed, cfg.augment, cfg.channels_last
@@ -566,7 +584,8 @@ def train(explicit: dict[str, Any]) -> int:
             "ranks": ranks,
         }
         atomic_write_text(run_dir / rundir.SUMMARY, json.dumps(summary, indent=2) + "\n")
-    accelerator.end_training()
+    if exit_code == EXIT_DIVERGED:
+        raise TrainingDiverged(detail)  # one line on stderr, exit code 3
     if detail:
         reporter.print(detail)
     if exit_code == EXIT_OK:

@@ -1,0 +1,368 @@
+"""Bad input: each case one clear line and a non-zero exit, nothing already written damaged.
+
+Every case runs the real `fmnist-accel` in a subprocess inside a workspace that holds a copy
+of a finished run (runs/existing) and a writable fake data folder, and checks:
+- the exit code (errors.EXIT_USER_ERROR, or EXIT_DIVERGED for a non-finite loss);
+- stderr is exactly one line, `fmnist-accel: error: ...`, naming the problem; no traceback;
+- every file that was in the workspace before is byte-identical afterwards.
+docs/bad-input.md lists the cases; each row names its test here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CLI, N_TEST, N_TRAIN, assert_one_line_error, file_digests, run_command
+from fakedata import write_fashion_dir
+from safetensors.torch import load_file, save_file
+
+from fmnist_accel.checkpoint import METADATA_KEY, load_model_checkpoint, load_resume_state
+from fmnist_accel.data import raw_dir
+from fmnist_accel.errors import EXIT_DIVERGED, EXIT_USER_ERROR
+from fmnist_accel.inference import model_from_checkpoint
+
+TRAIN_FAST = ("--model", "mlp", "--epochs", "1", "--batch-size", "64")
+
+
+@dataclass
+class Workspace:
+    root: Path
+    runs: Path  # --output-dir, holding one finished run
+    existing: Path  # runs/existing: a copy of the session's tiny run
+    data: Path  # a writable fake data folder (plain IDX files)
+
+    def snapshot(self) -> dict[str, str]:
+        return file_digests(self.root)
+
+
+@pytest.fixture
+def ws(tmp_path, tiny_run) -> Workspace:
+    runs = tmp_path / "runs"
+    shutil.copytree(tiny_run.run_dir, runs / "existing")
+    data = write_fashion_dir(tmp_path / "data", N_TRAIN, N_TEST, gz=False)
+    return Workspace(tmp_path, runs, runs / "existing", data)
+
+
+def check_nothing_damaged(ws: Workspace, before: dict[str, str]) -> None:
+    """Every file that was there is still there, byte for byte; no new files either."""
+    assert ws.snapshot() == before
+
+
+# ------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------
+def test_missing_data_without_network(ws, cli):
+    """No files and no network (the proxies point at a closed port: it fails at once)."""
+    empty = ws.root / "empty"
+    empty.mkdir()
+    before = ws.snapshot()
+    res = cli("train", *TRAIN_FAST, "--data-dir", empty, "--output-dir", ws.runs)
+    assert_one_line_error(
+        res,
+        "Fashion-MNIST files missing",
+        "download failed",
+        f"{raw_dir(empty)}/",
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+    )
+    check_nothing_damaged(ws, before)
+
+
+# (A header-only file, wrong image/label counts and labels above 9: tests/test_data.py.)
+@pytest.mark.parametrize("damage", ["truncated", "wrong-magic", "corrupt-gzip"])
+def test_corrupt_idx_file(ws, cli, damage):
+    images = raw_dir(ws.data) / "train-images-idx3-ubyte"
+    raw = images.read_bytes()
+    if damage == "truncated":
+        images.write_bytes(raw[: len(raw) - 1000])
+        expected = (str(images), "truncated or corrupt")
+    elif damage == "wrong-magic":
+        images.write_bytes(b"\x00\x00\x08\x01" + raw[4:])
+        expected = (str(images), "magic number 0x00000801, expected 0x00000803")
+    else:  # a gzip header, then a deflate stream that zlib rejects
+        images.unlink()
+        gz = images.with_name(images.name + ".gz")
+        gz.write_bytes(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + bytes(range(256)) * 4)
+        expected = (f"cannot read {gz}", "Error -3 while decompressing data")
+    before = ws.snapshot()
+    res = cli("train", *TRAIN_FAST, "--data-dir", ws.data, "--output-dir", ws.runs)
+    assert_one_line_error(res, *expected)
+    check_nothing_damaged(ws, before)
+
+
+# ------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------
+def make_bad_checkpoint(ws: Workspace, kind: str) -> tuple[Path, tuple[str, ...]]:
+    path = ws.root / f"{kind}.safetensors"
+    good = ws.existing / "best.safetensors"
+    if kind == "not-a-checkpoint":
+        path.write_text("model weights, honest\n")
+        return path, (f"{path} is not a readable checkpoint",)
+    if kind == "truncated":
+        raw = good.read_bytes()
+        path.write_bytes(raw[: len(raw) // 2])
+        return path, (f"{path} is not a readable checkpoint",)
+    if kind == "plain-safetensors":
+        save_file({"weight": torch.zeros(3, 3)}, path)
+        return path, (f"{path} is a safetensors file but not an fmnist-accel checkpoint",)
+    assert kind == "other-architecture"  # mlp weights, metadata that says cnn
+    _, meta = load_model_checkpoint(good)
+    save_file(load_file(good), path, metadata={METADATA_KEY: json.dumps({**meta, "model": "cnn"})})
+    return path, (f"{path} does not fit the cnn architecture its metadata names", "missing")
+
+
+@pytest.mark.parametrize(
+    "kind, command",
+    [
+        ("not-a-checkpoint", "eval"),
+        ("plain-safetensors", "predict"),
+        ("other-architecture", "eval"),
+        ("truncated", "predict"),
+    ],
+)
+def test_bad_checkpoint(ws, cli, kind, command):
+    path, expected = make_bad_checkpoint(ws, kind)
+    extra = ("--index", "0") if command == "predict" else ()
+    before = ws.snapshot()
+    assert_one_line_error(cli(command, path, *extra, "--data-dir", ws.data), *expected)
+    check_nothing_damaged(ws, before)
+
+
+def test_truncated_checkpoint_in_a_run(ws, cli):
+    """`eval last` of a run whose last.safetensors was cut short (a copied run)."""
+    broken = ws.runs / "broken"
+    shutil.copytree(ws.existing, broken)
+    last = broken / "last.safetensors"
+    last.write_bytes(last.read_bytes()[:1000])
+    before = ws.snapshot()
+    res = cli("eval", "last", "--run-dir", broken)
+    assert_one_line_error(res, f"{last} is not a readable checkpoint")
+    check_nothing_damaged(ws, before)
+
+
+def test_corrupt_resume_state(ws, cli):
+    broken = ws.runs / "broken"
+    shutil.copytree(ws.existing, broken)
+    resume = broken / "resume.pt"
+    resume.write_bytes(resume.read_bytes()[:2000])
+    before = ws.snapshot()
+    res = cli("train", "--resume", broken, "--data-dir", ws.data)
+    assert_one_line_error(res, f"{resume} is not a readable resume state")
+    check_nothing_damaged(ws, before)
+
+
+def test_no_runs(ws, cli):
+    """`eval best` with no run in ./runs (absent), `predict best` with an empty --output-dir."""
+    empty = ws.root / "empty-runs"
+    empty.mkdir()
+    (empty / "not-a-run").mkdir()  # e.g. left by a run that failed before writing anything
+    elsewhere = ws.root / "elsewhere"
+    elsewhere.mkdir()
+    before = ws.snapshot()
+    res = cli("eval", "best", cwd=elsewhere)
+    assert_one_line_error(res, "no runs in runs/", "train one first (fmnist-accel train)")
+    res = cli("predict", "best", "--index", "0", "--output-dir", empty)
+    assert_one_line_error(res, f"no runs in {empty}/")
+    check_nothing_damaged(ws, before)
+
+
+# ------------------------------------------------------------------------------------------
+# Options
+# ------------------------------------------------------------------------------------------
+def test_unknown_model(ws, cli):
+    before = ws.snapshot()
+    res = cli("train", "--model", "vgg16", "--data-dir", ws.data, "--output-dir", ws.runs)
+    assert_one_line_error(res, "Invalid value for '--model': 'vgg16' is not one of 'mlp'")
+    check_nothing_damaged(ws, before)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("train", "--epochs", "0"),
+        ("train", "--epochs", "-3"),
+        ("train", "--batch-size", "0"),
+        ("train", "--eval-batch-size", "-1"),
+        ("train", "--lr", "0"),
+        ("train", "--lr", "-0.1"),
+        ("train", "--lr", "nan"),
+        ("train", "--momentum", "-0.5"),
+        ("train", "--weight-decay", "-1e-4"),
+        ("train", "--valid-size", "-1"),
+        ("train", "--plateau-factor", "0"),
+        ("train", "--early-stopping-patience", "-1"),
+        ("eval", "best", "--batch-size", "0"),
+        ("predict", "best", "--index", "-1"),
+        ("predict", "best", "--index", "0", "--top", "0"),
+        ("train", "--seed", "-1"),
+        ("train", "--seed", "4294967296"),
+    ],
+    ids=" ".join,
+)
+def test_zero_or_negative_numeric_option(ws, cli, args):
+    option = args[-2]  # the bad option is always the last one given
+    before = ws.snapshot()
+    res = cli(*args, "--data-dir", ws.data, "--output-dir", ws.runs)
+    line = assert_one_line_error(res, f"Invalid value for '{option}'")
+    assert "not in the range" in line or "is not a finite number" in line
+    check_nothing_damaged(ws, before)
+
+
+def test_output_folder_that_cannot_be_written(ws, cli):
+    """Root ignores permissions, so the folder is made impossible: under a regular file."""
+    blocker = ws.root / "a-file"
+    blocker.write_text("I am a file, not a folder\n")
+    before = ws.snapshot()
+    res = cli("train", *TRAIN_FAST, "--data-dir", ws.data, "--output-dir", blocker / "runs")
+    assert_one_line_error(res, f"cannot write to {blocker / 'runs'}", "Not a directory")
+    check_nothing_damaged(ws, before)
+
+
+def test_existing_run_name_is_not_overwritten(ws, cli):
+    before = ws.snapshot()
+    res = cli(
+        "train",
+        *TRAIN_FAST,
+        "--data-dir",
+        ws.data,
+        "--output-dir",
+        ws.runs,
+        "--run-name",
+        "existing",
+    )
+    assert_one_line_error(res, f"{ws.existing} already exists", "--resume auto")
+    check_nothing_damaged(ws, before)
+
+
+def test_unreadable_picture(ws, cli):
+    picture = ws.root / "photo.png"
+    picture.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 50)  # a PNG signature, then nothing
+    before = ws.snapshot()
+    res = cli("predict", "best", "--run-dir", ws.existing, "--image", picture)
+    assert_one_line_error(res, f"cannot read {picture} as a picture")
+    check_nothing_damaged(ws, before)
+
+
+# ------------------------------------------------------------------------------------------
+# A non-finite training loss
+# ------------------------------------------------------------------------------------------
+# Plain SGD (no momentum) at lr 1e5 on the MLP, two steps per epoch, no validation: the loss
+# of epoch 1 is finite (the first weights, then weights after one step, ~1e12), the weights
+# after two steps overflow float32, so the first step of epoch 2 has a non-finite loss.
+# Any lr from 1e3 to 1e8 does the same on the fake data.
+DIVERGE = (
+    "--model",
+    "mlp",
+    "--epochs",
+    "2",
+    "--optimizer",
+    "sgd",
+    "--momentum",
+    "0",
+    "--lr",
+    "1e5",
+    "--batch-size",
+    str(N_TRAIN // 2),
+    "--valid-size",
+    "0",
+    "--scheduler",
+    "none",
+    "--no-early-stopping",
+)
+
+
+@dataclass
+class Diverged:
+    ws: Workspace
+    before: dict
+    run_dir: Path
+    result: object
+
+
+@pytest.fixture(scope="module")
+def diverged(tiny_run, tmp_path_factory) -> Diverged:
+    root = tmp_path_factory.mktemp("diverge")
+    runs = root / "runs"
+    shutil.copytree(tiny_run.run_dir, runs / "existing")
+    data = write_fashion_dir(root / "data", N_TRAIN, N_TEST, gz=True)
+    ws = Workspace(root, runs, runs / "existing", data)
+    before = ws.snapshot()
+    result = run_command(
+        [CLI, "train", *DIVERGE, "--data-dir", data, "--output-dir", runs, "--run-name", "boom"],
+        cwd=root,
+    )
+    return Diverged(ws, before, runs / "boom", result)
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(diverged):
+    res, run = diverged.result, diverged.run_dir
+    last = run / "last.safetensors"
+    assert res.rc == EXIT_DIVERGED == 3, str(res)
+    assert "Traceback" not in res.stdout + res.stderr
+    said = [line for line in (res.stdout + res.stderr).splitlines() if "non-finite" in line]
+    assert len(said) == 1, str(res)
+    assert "training loss became non-finite" in said[0] and "in epoch 2" in said[0]
+    assert f"last good checkpoint: {last} (epoch 1)" in said[0]
+
+    # The named checkpoint is the epoch-1 one, loadable, finite: not overwritten by epoch 2.
+    model, meta = model_from_checkpoint(last)
+    assert meta["epoch"] == 1
+    assert all(torch.isfinite(p).all() for p in model.state_dict().values())
+    # ... and it holds the same weights as the resume state saved after epoch 1.
+    state = load_resume_state(run / "resume.pt")
+    assert state["epoch"] == 1
+    for k, v in model.state_dict().items():
+        assert torch.equal(state["model"][k], v), k
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["epochs_completed"] == 1
+    assert "non-finite" in summary["detail"]
+
+    # Nothing that was there before the run changed.
+    after = diverged.ws.snapshot()
+    assert {k: after[k] for k in diverged.before} == diverged.before
+
+
+def test_nonfinite_loss_message_is_one_line_on_stderr(diverged):
+    assert_one_line_error(
+        diverged.result, "non-finite", str(diverged.run_dir / "last.safetensors"), rc=3
+    )
+
+
+def test_exit_codes_are_the_documented_ones():
+    assert (EXIT_USER_ERROR, EXIT_DIVERGED) == (2, 3)
+
+
+def test_every_case_in_the_docs_has_a_test_and_every_test_a_row():
+    """docs/bad-input.md: one row per case, naming its tests, which must exist here."""
+    doc = Path(__file__).resolve().parents[1] / "docs" / "bad-input.md"
+    rows = [
+        line
+        for line in doc.read_text().splitlines()
+        if line.startswith("| ")
+        and line.count(" | ") >= 5
+        and not line.startswith(("| Case", "| ---"))
+    ]
+    assert len(rows) >= 14
+    here = {name for name in globals() if name.startswith("test_")}
+    named: set[str] = set()
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split(" | ")]
+        assert cells[3] in {"2", "3"}, row  # the exit code column
+        tests = re.findall(r"`(test_[a-z_]+)(?:\[[^\]`]+\])?`", cells[-1])
+        assert tests, f"row without a test: {row}"
+        assert set(tests) <= here, set(tests) - here
+        named |= set(tests)
+    helpers = {
+        "test_exit_codes_are_the_documented_ones",
+        "test_every_case_in_the_docs_has_a_test_and_every_test_a_row",
+    }
+    assert here - helpers == named, (here - helpers) ^ named

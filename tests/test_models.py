@@ -1,0 +1,133 @@
+"""The models: output shapes, parameter counts from the seed's layer shapes, eval determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fmnist_accel.models import MODELS, build_model, count_parameters
+
+
+def linear(n_in: int, n_out: int) -> int:
+    return n_in * n_out + n_out
+
+
+def conv3x3(c_in: int, c_out: int, bias: bool = True) -> int:
+    return c_in * c_out * 9 + (c_out if bias else 0)
+
+
+def batch_norm(c: int) -> int:
+    return 2 * c  # weight and bias (running statistics are buffers, not parameters)
+
+
+# The seed's layer shapes, counted by hand.
+EXPECTED_PARAMETERS = {
+    # 784 -> 128 -> 64 -> 10
+    "mlp": linear(784, 128) + linear(128, 64) + linear(64, 10),
+    # conv 1->32, 32->64 (3x3, bias), fc 64*7*7=3136 -> 128 -> 10
+    "cnn": conv3x3(1, 32) + conv3x3(32, 64) + linear(3136, 128) + linear(128, 10),
+    # convs 1->32->64->128, each with BatchNorm; fc 128*3*3=1152 -> 128, BatchNorm1d, -> 10
+    "cnn-bn": conv3x3(1, 32)
+    + batch_norm(32)
+    + conv3x3(32, 64)
+    + batch_norm(64)
+    + conv3x3(64, 128)
+    + batch_norm(128)
+    + linear(1152, 128)
+    + batch_norm(128)
+    + linear(128, 10),
+    # DAWNBench ResNet-9, widths 32/64/128/256: conv-BN blocks without conv bias,
+    # residual blocks of two convs after the 2nd and 4th conv, one linear layer.
+    "resnet9": sum(
+        conv3x3(i, o, bias=False) + batch_norm(o)
+        for i, o in [(1, 32), (32, 64), (64, 64), (64, 64), (64, 128), (128, 256)]
+        + [(256, 256), (256, 256)]
+    )
+    + linear(256, 10),
+}
+
+
+def test_the_four_models_are_registered():
+    assert set(MODELS) == {"mlp", "cnn", "cnn-bn", "resnet9"}
+
+
+def test_hand_counts_match_the_known_totals():
+    # Cross-check of the arithmetic above against totals written out once.
+    assert EXPECTED_PARAMETERS["mlp"] == 109_386
+    assert EXPECTED_PARAMETERS["cnn"] == 421_642
+    assert EXPECTED_PARAMETERS["cnn-bn"] == 242_250
+    assert EXPECTED_PARAMETERS["resnet9"] == 1_645_546
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_parameter_count(name):
+    model = build_model(name)
+    assert count_parameters(model) == EXPECTED_PARAMETERS[name]
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count_parameters(model)
+
+
+def test_resnet9_is_under_two_million_parameters():
+    assert count_parameters(build_model("resnet9")) <= 2_000_000
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_output_shape(name, channels_last):
+    torch.manual_seed(0)
+    model = build_model(name).eval()
+    x = torch.randn(3, 1, 28, 28)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (3, 10) and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+def test_cnn_layer_shapes_are_the_seeds():
+    model = build_model("cnn")
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
+        (1, 32, (3, 3)),
+        (32, 64, (3, 3)),
+    ]
+    assert all(c.bias is not None for c in convs)
+    fcs = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert [(f.in_features, f.out_features) for f in fcs] == [(3136, 128), (128, 10)]
+
+
+def test_cnn_bn_layer_shapes_are_the_seeds():
+    model = build_model("cnn-bn")
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(1, 32), (32, 64), (64, 128)]
+    assert [m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d)] == [
+        32,
+        64,
+        128,
+    ]
+    assert [m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm1d)] == [128]
+    fcs = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert [(f.in_features, f.out_features) for f in fcs] == [(1152, 128), (128, 10)]
+    assert sorted(m.p for m in model.modules() if isinstance(m, nn.Dropout)) == [0.2, 0.4, 0.5]
+
+
+def test_cnn_bn_is_deterministic_in_eval_mode_and_random_in_train_mode():
+    """The seed's F.dropout(x, 0.5) stayed on in eval mode; here eval mode is deterministic."""
+    torch.manual_seed(0)
+    model = build_model("cnn-bn")
+    x = torch.randn(8, 1, 28, 28)
+    model.eval()
+    with torch.no_grad():
+        a, b = model(x), model(x)
+    assert torch.equal(a, b)
+    model.train()
+    with torch.no_grad():
+        c, d = model(x), model(x)
+    assert not torch.equal(c, d)  # dropout draws differ between the two passes
+
+
+def test_unknown_model_name():
+    with pytest.raises(ValueError, match="unknown model 'vgg'; choose from mlp, cnn"):
+        build_model("vgg")
