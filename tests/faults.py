@@ -1,0 +1,82 @@
+"""Run `fmnist_accel.train` with faults injected, for tests that need real failures.
+
+    python tests/faults.py [train options]          (or through accelerate launch)
+
+Environment variables choose the faults (all optional):
+  FAULT_PID_DIR=DIR          write DIR/rank<R>.pid, so a test can signal one rank
+  FAULT_NAN_RANK=R           ...on this rank the training loss becomes NaN
+  FAULT_NAN_STEP=K           ...from its K-th training step on (1-based, counted per process)
+  FAULT_KILL_STEP=K          SIGKILL this process at its K-th training step
+  FAULT_KILL_WRITE=N         SIGKILL this process during its N-th atomic file write, after
+                             half of the new file is on disk and before it replaces the old
+The package code has no hooks for this: the faults are patched in from outside.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+import fmnist_accel.checkpoint as checkpoint
+import fmnist_accel.engine as engine
+from fmnist_accel.train import main
+
+RANK = int(os.environ.get("RANK", "0"))
+
+
+def env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+def install_faults() -> None:
+    if os.environ.get("FAULT_PID_DIR"):
+        Path(os.environ["FAULT_PID_DIR"], f"rank{RANK}.pid").write_text(str(os.getpid()))
+
+    nan_rank, nan_step = env_int("FAULT_NAN_RANK"), env_int("FAULT_NAN_STEP")
+    kill_step = env_int("FAULT_KILL_STEP")
+    real_loss = engine.training_loss
+    steps = 0
+
+    def faulty_loss(logits, labels, label_smoothing):
+        nonlocal steps
+        steps += 1
+        if kill_step is not None and steps == kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        loss = real_loss(logits, labels, label_smoothing)
+        if nan_rank == RANK and nan_step is not None and steps >= nan_step:
+            loss = loss * torch.tensor(float("nan"))
+        return loss
+
+    engine.training_loss = faulty_loss
+
+    kill_write = env_int("FAULT_KILL_WRITE")
+    if kill_write is not None:
+        real_write = checkpoint.atomic_write
+        writes = 0
+
+        def faulty_atomic_write(path, write):
+            nonlocal writes
+            writes += 1
+            if writes != kill_write:
+                return real_write(path, write)
+
+            def half_then_die(tmp):
+                write(tmp)
+                size = os.path.getsize(tmp)
+                with open(tmp, "r+b") as f:
+                    f.truncate(size // 2)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+            return real_write(path, half_then_die)
+
+        checkpoint.atomic_write = faulty_atomic_write
+
+
+if __name__ == "__main__":
+    install_faults()
+    main(sys.argv[1:])

@@ -1,0 +1,76 @@
+"""Start real training/eval processes for tests: one process, or N gloo ranks through
+`accelerate launch` with the repository's own CPU launch config."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+CPU_MULTI_CONFIG = REPO / "launch_configs" / "cpu_2proc.yaml"
+FAULTS = REPO / "tests" / "faults.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
+    env.pop("ACCELERATE_USE_CPU", None)
+    return env
+
+
+def launch_command(nproc: int, target: list[str], port: int | None = None) -> list[str]:
+    """`accelerate launch` of `target` (['-m', module, ...] or [script, ...]) on nproc CPU ranks."""
+    if nproc == 1:
+        return [sys.executable, *target]
+    return [
+        str(BIN / "accelerate"), "launch",
+        "--config_file", str(CPU_MULTI_CONFIG),
+        "--num_processes", str(nproc),
+        "--main_process_port", str(port or free_port()),
+        *target,
+    ]  # fmt: skip
+
+
+def run(cmd: list[str], timeout: float = 300, env: dict | None = None, cwd: Path | None = None):
+    return subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=env or child_env(), cwd=cwd
+    )
+
+
+def train(nproc: int, args: list[str], *, faults: dict | None = None, timeout: float = 300):
+    target = [str(FAULTS), *args] if faults is not None else ["-m", "fmnist_accel.train", *args]
+    return run(launch_command(nproc, target), timeout=timeout, env=child_env(**(faults or {})))
+
+
+def evaluate_json(nproc: int, args: list[str], timeout: float = 300) -> dict:
+    proc = run(launch_command(nproc, ["-m", "fmnist_accel", "eval", "--json", *args]), timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, proc.stdout  # printed once, by the main process only
+    return json.loads(lines[0])
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def why(proc) -> str:
+    """The informative part of a failed launch's output (the ranks' own messages, not the
+    launcher's traceback that follows them)."""
+    text = proc.stdout[-2000:] + "\n" + proc.stderr
+    cut = text.find('Traceback (most recent call last):\n  File "' + str(BIN))
+    return text[: cut if cut > 0 else None][-4000:]
