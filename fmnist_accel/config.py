@@ -146,6 +146,13 @@ class TrainConfig:
         False, "torch.use_deterministic_algorithms(True): bitwise repeatable runs, slower."
     )
 
+    test_every_epoch: bool = option(
+        False,
+        "Also evaluate the test set after every epoch (test_loss, test_accuracy in the metrics "
+        "and TensorBoard): for learning curves and benchmarks. Never used to pick checkpoints "
+        "or to stop.",
+    )
+
     # --- outputs --------------------------------------------------------------------------------
     output_dir: str = option("runs", "Folder that holds one sub-folder per run.")
     run_name: str | None = option(

@@ -116,6 +116,13 @@ def check_writable(folder: Path) -> None:
         raise UserError(f"cannot write to {folder}: {exc.strerror or exc}") from None
 
 
+def remove_temp_files(folder: Path) -> None:
+    """Delete the temporary files of writes that a kill interrupted (checkpoint.atomic_write
+    names them .<target>.<random>.tmp); the files they were to replace are intact."""
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 class MetricsLog:
     """metrics.jsonl: one object per finished epoch, appended and flushed."""
 

@@ -18,7 +18,7 @@ import math
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +26,8 @@ import torch
 from torch import nn
 
 from . import rundir
-from .checkpoint import (
-    atomic_write_text,
-    load_resume_state,
-    save_model_checkpoint,
-    save_resume_state,
-)
-from .config import (
-    RESUMABLE_OVERRIDES,
-    TrainConfig,
-    check_config,
-    config_from_dict,
-    resolve_config,
-)
+from .checkpoint import atomic_write_text, save_model_checkpoint, save_resume_state
+from .config import TrainConfig, check_config, config_from_dict, resolve_config
 from .data import load_split, train_valid_split
 from .device_data import EvalSet, TrainStream
 from .engine import (
@@ -46,6 +35,7 @@ from .engine import (
     STOP_SIGNAL,
     EarlyStopping,
     EpochProgress,
+    EpochResult,
     average_buffers,
     check_stop,
     evaluate,
@@ -56,10 +46,11 @@ from .hardware import describe, make_accelerator
 from .models import build_model, count_parameters
 from .preemption import StopRequest
 from .report import Reporter, seconds_since_process_start
+from .runplan import RunPlan, share_plan
 
 
 # --------------------------------------------------------------------------------------------
-# Set-up
+# Building blocks
 # --------------------------------------------------------------------------------------------
 def make_training_accelerator(cfg: TrainConfig):
     from accelerate.utils import DistributedDataParallelKwargs, TorchDynamoPlugin
@@ -89,107 +80,9 @@ def make_training_accelerator(cfg: TrainConfig):
     )
 
 
-@dataclass
-class RunPlan:
-    """What the main process decided about the run folder; broadcast to every rank."""
-
-    run_dir: str = ""
-    config: dict = field(default_factory=dict)
-    resume_state: dict | None = None
-    finished: str | None = None  # set when the run to resume has already ended
-    error: str | None = None
-
-
-def plan_run(explicit: dict[str, Any]) -> RunPlan:
-    """Main process only: pick the run folder, and the state to resume from if any."""
-    cfg = resolve_config(explicit)
-    output_dir = Path(cfg.output_dir)
-    resume_dir = find_resume_dir(cfg, output_dir)
-    if resume_dir is None:
-        if cfg.run_name:
-            run_dir = output_dir / cfg.run_name
-            if cfg.resume is None and run_dir.exists() and any(run_dir.iterdir()):
-                raise UserError(
-                    f"{run_dir} already exists: pass --resume auto to continue it, or choose "
-                    "another --run-name"
-                )
-        else:
-            run_dir = rundir.unique_run_dir(output_dir, rundir.default_run_name(cfg.model))
-        rundir.check_writable(run_dir)
-        return RunPlan(run_dir=str(run_dir), config=cfg.to_dict())
-
-    state = load_resume_state(resume_dir / rundir.RESUME)
-    saved = state["config"]
-    for key, value in explicit.items():
-        if value is None or key in RESUMABLE_OVERRIDES or key == "recipe":
-            continue
-        if saved.get(key) != value:
-            raise UserError(
-                f"--{key.replace('_', '-')} {value} differs from the run being resumed "
-                f"({resume_dir} has {saved.get(key)}); resume without it or start a new run"
-            )
-    resumed = {
-        **saved,
-        **{k: v for k, v in explicit.items() if v is not None and k in RESUMABLE_OVERRIDES},
-    }
-    resumed["run_name"] = resume_dir.name
-    resumed["output_dir"] = str(resume_dir.parent)
-    resumed["resume"] = cfg.resume
-    if resumed["epochs"] != saved["epochs"] and saved["scheduler"] in ("onecycle", "cosine"):
-        raise UserError(
-            f"--epochs cannot change when resuming a run with the {saved['scheduler']} "
-            "schedule: its learning rates are fixed by the original length"
-        )
-    rundir.check_writable(resume_dir)
-    plan = RunPlan(run_dir=str(resume_dir), config=resumed, resume_state=state)
-    status = rundir.run_status(resume_dir)
-    if status == "early-stopped" or (status == "completed" and state["epoch"] >= resumed["epochs"]):
-        plan.finished = status
-    return plan
-
-
-def find_resume_dir(cfg: TrainConfig, output_dir: Path) -> Path | None:
-    """The run folder to continue, or None for a new run."""
-    if cfg.resume is None:
-        return None
-    if cfg.resume != "auto":
-        path = Path(cfg.resume)
-        if path.name == rundir.RESUME:
-            path = path.parent
-        if not (path / rundir.RESUME).is_file():
-            raise UserError(f"--resume {cfg.resume}: no {rundir.RESUME} there to resume from")
-        return path
-    if cfg.run_name:
-        path = output_dir / cfg.run_name
-        return path if (path / rundir.RESUME).is_file() else None
-    for path in rundir.runs_newest_first(output_dir):
-        if (path / rundir.RESUME).is_file() and rundir.run_status(
-            path
-        ) not in rundir.FINISHED_STATUSES:
-            return path
-    return None
-
-
-def share_plan(accelerator, explicit: dict[str, Any]) -> RunPlan:
-    """The main process plans the run; every rank gets the same plan (or the same error)."""
-    from accelerate.utils import broadcast_object_list
-
-    plan = RunPlan()
-    if accelerator.is_main_process:
-        try:
-            plan = plan_run(explicit)
-        except (UserError, ValueError) as exc:
-            plan = RunPlan(error=str(exc))
-    if accelerator.num_processes > 1:
-        box = [plan]
-        broadcast_object_list(box, from_process=0)
-        plan = box[0]
-    if plan.error:
-        raise UserError(plan.error)
-    return plan
-
-
 def make_optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    # One fused kernel per step instead of a dozen small ones: on GPUs only.
+    fused = next(model.parameters()).device.type == "cuda"
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
             model.parameters(),
@@ -197,8 +90,9 @@ def make_optimizer(cfg: TrainConfig, model: nn.Module, lr: float) -> torch.optim
             momentum=cfg.momentum,
             nesterov=cfg.momentum > 0,
             weight_decay=cfg.weight_decay,
+            fused=fused,
         )
-    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
 def make_schedulers(cfg: TrainConfig, optimizer, total_steps: int):
@@ -209,11 +103,12 @@ def make_schedulers(cfg: TrainConfig, optimizer, total_steps: int):
     """
     sched = torch.optim.lr_scheduler
     if cfg.scheduler == "plateau":
-        return sched.ReduceLROnPlateau(
+        plateau = sched.ReduceLROnPlateau(
             optimizer, mode="min", patience=cfg.plateau_patience, factor=cfg.plateau_factor
-        ), None
+        )
+        return plateau, None
     if cfg.scheduler == "onecycle":
-        return None, sched.OneCycleLR(
+        onecycle = sched.OneCycleLR(
             optimizer,
             max_lr=optimizer.param_groups[0]["lr"],
             total_steps=total_steps,
@@ -221,6 +116,7 @@ def make_schedulers(cfg: TrainConfig, optimizer, total_steps: int):
             anneal_strategy="linear",
             cycle_momentum=False,
         )
+        return None, onecycle
     if cfg.scheduler == "cosine":
         return None, sched.CosineAnnealingLR(optimizer, T_max=total_steps)
     return None, None
@@ -254,9 +150,6 @@ class BestTracker:
         self.value, self.epoch = state["value"], state["epoch"]
 
 
-# --------------------------------------------------------------------------------------------
-# Resume state
-# --------------------------------------------------------------------------------------------
 def rank_state(progress: EpochProgress) -> dict:
     """What differs between ranks: RNG streams (dropout) and the partial epoch's loss sums."""
     return {
@@ -267,11 +160,298 @@ def rank_state(progress: EpochProgress) -> dict:
     }
 
 
-def restore_rank_state(state: dict) -> EpochProgress:
+def restore_rank_state(state: dict, step: int) -> EpochProgress:
     torch.set_rng_state(state["cpu_rng"])
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda_rng"])
-    return EpochProgress(loss_sum=state["loss_sum"], count=state["count"])
+    return EpochProgress(step=step, loss_sum=state["loss_sum"], count=state["count"])
+
+
+# --------------------------------------------------------------------------------------------
+# A run in progress
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Session:
+    """Everything a run holds while it trains (plain data: the loop is in run_training)."""
+
+    accelerator: Any
+    cfg: TrainConfig
+    run_dir: Path
+    reporter: Reporter
+    stream: TrainStream
+    valid_set: EvalSet | None
+    test_set: EvalSet | None
+    model: nn.Module  # as prepared by accelerate (DDP, compiled...)
+    plain_model: nn.Module  # the module itself: evaluation and checkpoints
+    optimizer: Any
+    plateau: Any
+    step_scheduler: Any
+    ema: Any
+    stopper: EarlyStopping
+    best: BestTracker
+    metrics: rundir.MetricsLog
+    lr: float
+    start_epoch: int = 0
+    progress: EpochProgress | None = None
+    elapsed: float = 0.0  # training + validation seconds of earlier epochs, resumes included
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What is validated and saved: the weight average if there is one."""
+        return self.ema.module if self.ema is not None else self.plain_model
+
+
+def build_session(accelerator, plan: RunPlan, reporter: Reporter) -> Session:
+    """Data on the device, the model and its optimizer, restored from the plan's saved state."""
+    from accelerate.utils import set_seed
+
+    rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    cfg = replace(config_from_dict(plan.config), mixed_precision=accelerator.mixed_precision)
+    run_dir, state = Path(plan.run_dir), plan.resume_state
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+
+    # Every rank reads the files (the local main process first, in case it downloads).
+    try:
+        with accelerator.local_main_process_first():
+            full_train = load_split(cfg.data_dir, "train")
+            test = load_split(cfg.data_dir, "test") if cfg.test_every_epoch else None
+    except UserError:
+        if accelerator.is_main_process and state is None and not any(run_dir.iterdir()):
+            run_dir.rmdir()  # made only to prove it writable: leave no empty run behind
+        raise
+    train_split, valid_split = train_valid_split(full_train, cfg.valid_size, cfg.seed)
+    stream = TrainStream(
+        train_split, device, cfg.batch_size, world, rank, cfg.seed, cfg.augment, cfg.channels_last
+    )
+
+    def eval_set(split):
+        return EvalSet(split, device, world, rank, cfg.channels_last) if split else None
+
+    # The same initial weights on every rank; each rank its own dropout stream afterwards.
+    set_seed(cfg.seed)
+    model = build_model(cfg.model).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    lr = cfg.lr * (world if cfg.scale_lr else 1)
+    optimizer = make_optimizer(cfg, model, lr)
+    plateau, step_scheduler = make_schedulers(cfg, optimizer, cfg.epochs * stream.steps_per_epoch)
+    ema = make_ema(model, cfg.ema_decay) if cfg.ema_decay else None
+    s = Session(
+        accelerator=accelerator,
+        cfg=cfg,
+        run_dir=run_dir,
+        reporter=reporter,
+        stream=stream,
+        valid_set=eval_set(valid_split),
+        test_set=eval_set(test),
+        model=model,
+        plain_model=model,
+        optimizer=optimizer,
+        plateau=plateau,
+        step_scheduler=step_scheduler,
+        ema=ema,
+        stopper=EarlyStopping(cfg.early_stopping_patience, cfg.early_stopping_min_delta),
+        best=BestTracker(cfg.best_metric),
+        metrics=rundir.MetricsLog(run_dir),
+        lr=lr,
+    )
+    if state is not None:
+        load_state(s, state)
+    s.model, s.optimizer = accelerator.prepare(model, optimizer)
+    s.plain_model = accelerator.unwrap_model(s.model)
+    set_seed(cfg.seed, device_specific=True)
+    s.progress = EpochProgress()
+    if state is not None:
+        if state["world_size"] == world:
+            s.progress = restore_rank_state(state["rank_states"][rank], state["step"])
+        elif state["step"]:
+            raise UserError(
+                f"{run_dir} was stopped mid-epoch with {state['world_size']} processes; "
+                f"resume it with the same number (now {world})"
+            )
+        else:
+            reporter.print(
+                f"note: {run_dir} ran on {state['world_size']} processes, now {world}: it "
+                "continues, but not bit for bit as it would have"
+            )
+    return s
+
+
+def load_state(s: Session, state: dict) -> None:
+    s.plain_model.load_state_dict(state["model"])
+    s.optimizer.load_state_dict(state["optimizer"])
+    if s.ema is not None:
+        s.ema.load_state_dict(state["ema"])
+    for scheduler, key in ((s.plateau, "plateau"), (s.step_scheduler, "step_scheduler")):
+        if scheduler is not None:
+            scheduler.load_state_dict(state[key])
+    s.stopper.load_state_dict(state["early_stopping"])
+    s.best.load_state_dict(state["best"])
+    s.start_epoch, s.elapsed = state["epoch"], state["elapsed"]
+
+
+def save_resume(s: Session, epoch_done: int, progress: EpochProgress) -> None:
+    """Collective: every rank sends its RNG state; the main process writes one file."""
+    from accelerate.utils import gather_object
+
+    rank_states = gather_object([rank_state(progress)])
+    if s.accelerator.is_main_process:
+        state = {
+            "config": s.cfg.to_dict(),
+            "epoch": epoch_done,
+            "step": progress.step,
+            "elapsed": s.elapsed,
+            "world_size": s.accelerator.num_processes,
+            "model": s.plain_model.state_dict(),
+            "ema": s.ema.state_dict() if s.ema is not None else None,
+            "optimizer": s.optimizer.state_dict(),
+            "plateau": s.plateau.state_dict() if s.plateau is not None else None,
+            "step_scheduler": s.step_scheduler.state_dict() if s.step_scheduler else None,
+            "early_stopping": s.stopper.state_dict(),
+            "best": s.best.state_dict(),
+            "rank_states": rank_states,
+        }
+        save_resume_state(s.run_dir / rundir.RESUME, state)
+    s.accelerator.wait_for_everyone()
+
+
+def start_outputs(s: Session, resumed: bool) -> None:
+    """config.json, metrics.jsonl cut back to the resume point, TensorBoard (main only)."""
+    accelerator = s.accelerator
+    if accelerator.is_main_process:
+        if not resumed:
+            config_text = json.dumps(s.cfg.to_dict(), indent=2) + "\n"
+            atomic_write_text(s.run_dir / rundir.CONFIG, config_text)
+        s.metrics.keep_epochs_up_to(s.start_epoch)
+    accelerator.project_configuration.set_directories(str(s.run_dir))
+    accelerator.project_configuration.logging_dir = str(s.run_dir)
+    accelerator.init_trackers(
+        rundir.TENSORBOARD,
+        config={k: (v if v is not None else "") for k, v in s.cfg.to_dict().items()},
+        # Events of epochs after the resume point are dropped: they will be written again.
+        init_kwargs={"tensorboard": {"purge_step": s.start_epoch + 1}},
+    )
+
+
+def print_header(s: Session, resumed: bool) -> None:
+    cfg, world = s.cfg, s.accelerator.num_processes
+    where = f"run folder: {s.run_dir}"
+    if resumed:
+        step = f", step {s.progress.step}" if s.progress.step else ""
+        where += f" (resuming after epoch {s.start_epoch}{step})"
+    s.reporter.print(where)
+    s.reporter.print(
+        f"hardware: {describe(s.accelerator)}" + (", torch.compile" if cfg.compile else "")
+    )
+    scaled = f" (--lr {cfg.lr:g} x {world} processes)" if cfg.scale_lr else ""
+    s.reporter.print(
+        f"batch: {cfg.batch_size} per process, {cfg.batch_size * world} global; "
+        f"lr {s.lr:.2e}{scaled}; {s.stream.steps_per_epoch} steps per epoch"
+    )
+    s.reporter.print(
+        f"model: {cfg.model}, {count_parameters(s.plain_model):,} parameters; data: "
+        f"{len(s.stream.labels):,} train, {s.valid_set.total if s.valid_set else 0:,} "
+        f"validation images from {cfg.data_dir}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# One epoch's bookkeeping
+# --------------------------------------------------------------------------------------------
+class Diverged(Exception):
+    """Internal: a non-finite training or validation loss; carries the user's message."""
+
+
+def validate_epoch(
+    s: Session, epoch: int, result: EpochResult, start: EpochProgress, train_time: float
+) -> tuple[dict, bool]:
+    """The epoch's record (global train loss, validation, lr) and whether to stop early.
+    Steps the plateau scheduler and early stopping, identically on every rank."""
+    accelerator, cfg = s.accelerator, s.cfg
+    progress = result.progress
+    totals = torch.tensor([progress.loss_sum, progress.count], dtype=torch.float64)
+    loss_sum, count = accelerator.reduce(totals.to(accelerator.device), "sum").tolist()
+    record: dict[str, Any] = {
+        "epoch": epoch,
+        "train_loss": loss_sum / count,
+        "lr": s.optimizer.param_groups[0]["lr"],  # the lr this epoch trained with
+    }
+    average_buffers(s.plain_model, accelerator)
+    if s.ema is not None:
+        average_buffers(s.ema.module, accelerator)
+    stop_early = False
+    if s.valid_set is not None:
+        valid = evaluate(s.eval_model, s.valid_set, accelerator, cfg.eval_batch_size)
+        if not math.isfinite(valid.loss):
+            raise Diverged(nonfinite_message(s.run_dir, epoch, [], "validation loss"))
+        record.update(valid_loss=valid.loss, valid_accuracy=valid.accuracy)
+        if s.plateau is not None:
+            s.plateau.step(valid.loss)
+        record["is_best"] = s.best.update(record[cfg.best_metric], epoch)
+        stop_early = cfg.early_stopping and s.stopper.step(valid.loss)
+    world = accelerator.num_processes
+    record.update(
+        train_time=train_time,
+        # images this session trained in this epoch (a resumed epoch counts only its rest)
+        images_per_sec=(progress.count - start.count) * world / train_time,
+    )
+    return record, stop_early
+
+
+def record_test_metrics(s: Session, record: dict) -> None:
+    """--test-every-epoch: test loss and accuracy, for learning curves; never used to decide."""
+    if s.test_set is not None:
+        test = evaluate(s.eval_model, s.test_set, s.accelerator, s.cfg.eval_batch_size)
+        record.update(test_loss=test.loss, test_accuracy=test.accuracy)
+
+
+def write_epoch_outputs(s: Session, record: dict) -> None:
+    """Main process only: metrics line, TensorBoard scalars, best and last checkpoints."""
+    s.metrics.append(record)
+    scalars = {"Loss/train": record["train_loss"], "LearningRate": record["lr"]}
+    if "valid_loss" in record:
+        scalars.update(
+            {"Loss/valid": record["valid_loss"], "Accuracy/valid": record["valid_accuracy"]}
+        )
+    if "test_loss" in record:
+        scalars.update({"Loss/test": record["test_loss"], "Accuracy/test": record["test_accuracy"]})
+    s.accelerator.log(scalars, step=record["epoch"])
+    weights = s.eval_model.state_dict()
+    meta = checkpoint_metadata(s.cfg, record, count_parameters(s.plain_model))
+    if record.get("is_best"):
+        save_model_checkpoint(
+            rundir.checkpoint_path(s.run_dir, "best"), weights, {**meta, "kind": "best"}
+        )
+    save_model_checkpoint(
+        rundir.checkpoint_path(s.run_dir, "last"), weights, {**meta, "kind": "last"}
+    )
+
+
+def nonfinite_message(run_dir: Path, epoch: int, ranks: list[int], what: str) -> str:
+    where = f" on rank {', '.join(map(str, ranks))}" if ranks else ""
+    last = rundir.checkpoint_path(run_dir, "last")
+    kept = (
+        f"last good checkpoint: {last} (epoch {epoch - 1})"
+        if last.exists()
+        else "no checkpoint was written before it"
+    )
+    return (
+        f"training stopped: the {what} became non-finite{where} in epoch {epoch}; "
+        f"{kept}; try a lower --lr"
+    )
+
+
+def checkpoint_metadata(cfg: TrainConfig, record: dict, n_params: int) -> dict:
+    metric_names = ("train_loss", "valid_loss", "valid_accuracy")
+    return {
+        "model": cfg.model,
+        "epoch": record["epoch"],
+        "metrics": {k: v for k, v in record.items() if k in metric_names},
+        "num_parameters": n_params,
+        "channels_last": cfg.channels_last,
+        "config": cfg.to_dict(),
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,336 +473,145 @@ def train(explicit: dict[str, Any]) -> int:
 
 
 def run_training(accelerator, explicit: dict[str, Any]) -> int:
-    from accelerate.utils import gather_object, set_seed
-
-    rank, world = accelerator.process_index, accelerator.num_processes
     reporter = Reporter(accelerator.is_main_process)
-    stop_request = StopRequest().install()
-
     plan = share_plan(accelerator, explicit)
-    cfg = config_from_dict(plan.config)
-    run_dir = Path(plan.run_dir)
     if plan.finished:
-        reporter.print(f"run {run_dir} already ended ({plan.finished}); nothing to do")
+        reporter.print(f"run {plan.run_dir} already ended ({plan.finished}); nothing to do")
         return EXIT_OK
-    device = accelerator.device
-    cfg = replace(cfg, mixed_precision=accelerator.mixed_precision)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
-    state = plan.resume_state
+    resumed = plan.resume_state is not None
+    s = build_session(accelerator, plan, reporter)
+    start_outputs(s, resumed)
+    print_header(s, resumed)
 
-    # Data: every rank reads the files (the local main process first, in case it downloads).
+    stop_request = StopRequest().install()
     try:
-        with accelerator.local_main_process_first():
-            full_train = load_split(cfg.data_dir, "train")
-    except UserError:
-        if accelerator.is_main_process and state is None and not any(run_dir.iterdir()):
-            run_dir.rmdir()  # made only to prove it writable: leave no empty run behind
-        raise
-    train_split, valid_split = train_valid_split(full_train, cfg.valid_size, cfg.seed)
-    stream = TrainStream(
-        train_split, device, cfg.batch_size, world, rank, cfg.seed, cfg.augment, cfg.channels_last
-    )
-    valid_set = (
-        EvalSet(valid_split, device, world, rank, cfg.channels_last) if len(valid_split) else None
-    )
-
-    # Model, optimizer, schedules: the same initial weights on every rank, then each rank
-    # its own dropout stream.
-    set_seed(cfg.seed)
-    model = build_model(cfg.model)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    lr = cfg.lr * (world if cfg.scale_lr else 1)
-    optimizer = make_optimizer(cfg, model, lr)
-    steps = stream.steps_per_epoch
-    plateau, step_scheduler = make_schedulers(cfg, optimizer, cfg.epochs * steps)
-    stopper = EarlyStopping(cfg.early_stopping_patience, cfg.early_stopping_min_delta)
-    best = BestTracker(cfg.best_metric)
-    ema = make_ema(model, cfg.ema_decay) if cfg.ema_decay else None
-    start_epoch, progress = 0, EpochProgress()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        for obj, key in ((plateau, "plateau"), (step_scheduler, "step_scheduler")):
-            if obj is not None:
-                obj.load_state_dict(state[key])
-        stopper.load_state_dict(state["early_stopping"])
-        best.load_state_dict(state["best"])
-        start_epoch, progress.step = state["epoch"], state["step"]
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if ema is not None:
-        ema.to(device)
-    set_seed(cfg.seed, device_specific=True)
-    if state is not None:
-        if state["world_size"] == world:
-            progress = replace(restore_rank_state(state["rank_states"][rank]), step=progress.step)
-        elif progress.step:
-            raise UserError(
-                f"{run_dir} was stopped mid-epoch with {state['world_size']} processes; "
-                f"resume it with the same number (now {world})"
-            )
-    plain_model = accelerator.unwrap_model(model)
-
-    metrics = rundir.MetricsLog(run_dir)
-    if accelerator.is_main_process:
-        if state is None:
-            atomic_write_text(run_dir / rundir.CONFIG, json.dumps(cfg.to_dict(), indent=2) + "\n")
-        metrics.keep_epochs_up_to(start_epoch)
-    accelerator.project_configuration.set_directories(str(run_dir))
-    accelerator.project_configuration.logging_dir = str(run_dir)
-    accelerator.init_trackers(
-        rundir.TENSORBOARD,
-        config={k: (v if v is not None else "") for k, v in cfg.to_dict().items()},
-        init_kwargs={"tensorboard": {"purge_step": start_epoch + 1}},
-    )
-
-    n_params = count_parameters(plain_model)
-    reporter.print(
-        f"run folder: {run_dir}"
-        + (
-            f" (resuming after epoch {start_epoch}"
-            + (f", step {progress.step}" if progress.step else "")
-            + ")"
-            if state
-            else ""
-        )
-    )
-    reporter.print(
-        f"hardware: {describe(accelerator)}" + (", torch.compile" if cfg.compile else "")
-    )
-    reporter.print(
-        f"batch: {cfg.batch_size} per process, {cfg.batch_size * world} global; lr {lr:.2e}"
-        + (f" (--lr {cfg.lr:g} x {world} processes)" if cfg.scale_lr else "")
-        + f"; {steps} steps per epoch"
-    )
-    reporter.print(
-        f"model: {cfg.model}, {n_params:,} parameters; data: {len(train_split):,} train, "
-        f"{len(valid_split):,} validation images from {cfg.data_dir}"
-    )
-
-    status, exit_code, detail = "completed", EXIT_OK, ""
-    started = time.perf_counter()
-    first_step_reported = False
-
-    def on_step(step: int) -> None:
-        nonlocal first_step_reported
-        if ema is not None:
-            ema.update_parameters(plain_model)
-        reporter.step(step)
-        if not first_step_reported:
-            first_step_reported = True
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            reporter.print(
-                f"start-up: first training step done {seconds_since_process_start():.1f} s "
-                "after launch"
-            )
-
-    def save_resume(epoch_done: int, progress: EpochProgress) -> None:
-        """Collective: every rank sends its RNG state; the main process writes one file."""
-        rank_states = gather_object([rank_state(progress)])
-        if accelerator.is_main_process:
-            save_resume_state(
-                run_dir / rundir.RESUME,
-                {
-                    "config": cfg.to_dict(),
-                    "epoch": epoch_done,
-                    "step": progress.step,
-                    "world_size": world,
-                    "model": plain_model.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else None,
-                    "optimizer": optimizer.state_dict(),
-                    "plateau": plateau.state_dict() if plateau is not None else None,
-                    "step_scheduler": step_scheduler.state_dict()
-                    if step_scheduler is not None
-                    else None,
-                    "early_stopping": stopper.state_dict(),
-                    "best": best.state_dict(),
-                    "rank_states": rank_states,
-                },
-            )
-        accelerator.wait_for_everyone()
-
-    epoch = start_epoch
-    try:
-        for epoch in range(start_epoch + 1, cfg.epochs + 1):
-            epoch_started = time.perf_counter()
-            epoch_data = stream.epoch(epoch)
-            reporter.epoch_start(epoch, cfg.epochs, steps, done=progress.step)
-            result = train_one_epoch(
-                model,
-                optimizer,
-                accelerator,
-                lambda s, data=epoch_data: stream.batch(data, s),
-                steps,
-                start=progress,
-                label_smoothing=cfg.label_smoothing,
-                step_scheduler=step_scheduler,
-                stop_requested=lambda: bool(stop_request),
-                on_step=on_step,
-            )
-            train_time = time.perf_counter() - epoch_started
-            if result.stop == STOP_NONFINITE:
-                reporter.epoch_end(None, cfg.epochs)
-                status, exit_code = "diverged", EXIT_DIVERGED
-                detail = nonfinite_message(run_dir, epoch, result.nonfinite_ranks, "training loss")
-                break
-            if result.stop == STOP_SIGNAL:
-                reporter.epoch_end(None, cfg.epochs)
-                save_resume(epoch - 1, result.progress)
-                status, exit_code = "preempted", EXIT_PREEMPTED
-                detail = (
-                    f"stopped by a signal in epoch {epoch} after step {result.progress.step}; "
-                    f"state saved: resume with --resume {run_dir}"
-                )
-                break
-
-            totals = accelerator.reduce(
-                torch.tensor(
-                    [result.progress.loss_sum, result.progress.count],
-                    device=device,
-                    dtype=torch.float64,
-                ),
-                "sum",
-            ).tolist()
-            record: dict[str, Any] = {
-                "epoch": epoch,
-                "train_loss": totals[0] / totals[1],
-                "lr": optimizer.param_groups[0]["lr"],
-            }
-            eval_model = ema.module if ema is not None else plain_model
-            average_buffers(plain_model, accelerator)
-            if ema is not None:
-                average_buffers(ema.module, accelerator)
-            stop_early = False
-            if valid_set is not None:
-                valid = evaluate(eval_model, valid_set, accelerator, cfg.eval_batch_size)
-                if not math.isfinite(valid.loss):
-                    reporter.epoch_end(None, cfg.epochs)
-                    status, exit_code = "diverged", EXIT_DIVERGED
-                    detail = nonfinite_message(run_dir, epoch, [], "validation loss")
-                    break
-                record.update(valid_loss=valid.loss, valid_accuracy=valid.accuracy)
-                if plateau is not None:
-                    plateau.step(valid.loss)
-                record["is_best"] = best.update(record[cfg.best_metric], epoch)
-                stop_early = cfg.early_stopping and stopper.step(valid.loss)
-            record.update(
-                train_time=train_time,
-                # images this session trained in this epoch (a resumed epoch counts its rest)
-                images_per_sec=(result.progress.count - progress.count) * world / train_time,
-                epoch_time=time.perf_counter() - epoch_started,
-            )
-            if accelerator.is_main_process:
-                metrics.append(record)
-                accelerator.log(
-                    {
-                        "Loss/train": record["train_loss"],
-                        **(
-                            {
-                                "Loss/valid": record["valid_loss"],
-                                "Accuracy/valid": record["valid_accuracy"],
-                            }
-                            if valid_set is not None
-                            else {}
-                        ),
-                        "LearningRate": record["lr"],
-                    },
-                    step=epoch,
-                )
-                weights = eval_model.state_dict()
-                meta = checkpoint_metadata(cfg, epoch, record, n_params)
-                if record.get("is_best"):
-                    save_model_checkpoint(
-                        rundir.checkpoint_path(run_dir, "best"), weights, {**meta, "kind": "best"}
-                    )
-                save_model_checkpoint(
-                    rundir.checkpoint_path(run_dir, "last"), weights, {**meta, "kind": "last"}
-                )
-            progress = EpochProgress()
-            save_resume(epoch, progress)
-            reporter.epoch_end(record, cfg.epochs)
-            if stop_early:
-                status = "early-stopped"
-                detail = (
-                    f"early stopping: validation loss did not improve for "
-                    f"{stopper.bad_epochs} epochs (patience {cfg.early_stopping_patience})"
-                )
-                break
-            # A signal that came during validation or saving: the state is already saved.
-            if check_stop(accelerator, bool(stop_request), torch.zeros((), device=device))[0]:
-                status, exit_code = "preempted", EXIT_PREEMPTED
-                detail = f"stopped by a signal after epoch {epoch}; resume with --resume {run_dir}"
-                break
+        status, exit_code, detail, epoch = train_epochs(s, stop_request)
     finally:
         stop_request.uninstall()
-
-    # Every rank reports where it ended: they must agree.
-    ranks = gather_object(
-        [
-            {
-                "rank": rank,
-                "epoch": epoch,
-                "lr": optimizer.param_groups[0]["lr"],
-                "early_stopping_bad_epochs": stopper.bad_epochs,
-            }
-        ]
-    )
-    if accelerator.is_main_process:
-        summary = {
-            "status": status,
-            "detail": detail,
-            "epochs_completed": len(metrics.read()),
-            "best": best.state_dict(),
-            "world_size": world,
-            "distributed_type": accelerator.distributed_type.value,
-            "mixed_precision": accelerator.mixed_precision,
-            "train_seconds": time.perf_counter() - started,
-            "ranks": ranks,
-        }
-        atomic_write_text(run_dir / rundir.SUMMARY, json.dumps(summary, indent=2) + "\n")
+    finish(s, status, detail, epoch)
     if exit_code == EXIT_DIVERGED:
         raise TrainingDiverged(detail)  # one line on stderr, exit code 3
     if detail:
         reporter.print(detail)
     if exit_code == EXIT_OK:
+        best = s.best
         reporter.print(
-            f"done: {status}; best {cfg.best_metric} {best.value} at epoch {best.epoch}; "
-            f"checkpoints in {run_dir}"
+            f"done: {status}; best {best.metric} {best.value:.4f} at epoch {best.epoch}; "
+            f"checkpoints in {s.run_dir}"
             if best.value is not None
-            else f"done: checkpoints in {run_dir}"
+            else f"done: {status}; checkpoints in {s.run_dir}"
         )
     return exit_code
 
 
-def nonfinite_message(run_dir: Path, epoch: int, ranks: list[int], what: str) -> str:
-    where = f" on rank {', '.join(map(str, ranks))}" if ranks else ""
-    last = rundir.checkpoint_path(run_dir, "last")
-    kept = (
-        f"last good checkpoint: {last} (epoch {epoch - 1})"
-        if last.exists()
-        else "no checkpoint was written before it"
-    )
-    return (
-        f"training stopped: the {what} became non-finite{where} in epoch {epoch}; "
-        f"{kept}; try a lower --lr"
-    )
+def train_epochs(s: Session, stop_request: StopRequest) -> tuple[str, int, str, int]:
+    """The epoch loop. Returns (status, exit code, detail for the user, last epoch reached)."""
+    accelerator, cfg, reporter = s.accelerator, s.cfg, s.reporter
+    steps = s.stream.steps_per_epoch
+    first_step = [True]
+
+    def on_step(step: int) -> None:
+        if s.ema is not None:
+            s.ema.update_parameters(s.plain_model)
+        reporter.step(step)
+        if first_step[0]:
+            first_step[0] = False
+            if accelerator.device.type == "cuda":
+                torch.cuda.synchronize()
+            startup = seconds_since_process_start()
+            reporter.print(f"start-up: first training step done {startup:.1f} s after launch")
+
+    epoch = s.start_epoch
+    for epoch in range(s.start_epoch + 1, cfg.epochs + 1):
+        epoch_started = time.perf_counter()
+        epoch_data = s.stream.epoch(epoch)
+        reporter.epoch_start(epoch, cfg.epochs, steps, done=s.progress.step)
+        start = s.progress
+        result = train_one_epoch(
+            s.model,
+            s.optimizer,
+            accelerator,
+            lambda step, data=epoch_data: s.stream.batch(data, step),
+            steps,
+            start=start,
+            label_smoothing=cfg.label_smoothing,
+            step_scheduler=s.step_scheduler,
+            stop_requested=lambda: bool(stop_request),
+            on_step=on_step,
+        )
+        train_time = time.perf_counter() - epoch_started
+        if result.stop == STOP_NONFINITE:
+            reporter.epoch_end(None, cfg.epochs)
+            ranks = result.nonfinite_ranks
+            return (
+                "diverged",
+                EXIT_DIVERGED,
+                nonfinite_message(s.run_dir, epoch, ranks, "training loss"),
+                epoch,
+            )
+        if result.stop == STOP_SIGNAL:
+            reporter.epoch_end(None, cfg.epochs)
+            s.elapsed += train_time
+            save_resume(s, epoch - 1, result.progress)
+            detail = (
+                f"stopped by {stop_request.name or 'a signal'} in epoch {epoch} after step "
+                f"{result.progress.step}; state saved: resume with --resume {s.run_dir}"
+            )
+            return "preempted", EXIT_PREEMPTED, detail, epoch
+        try:
+            record, stop_early = validate_epoch(s, epoch, result, start, train_time)
+        except Diverged as exc:
+            reporter.epoch_end(None, cfg.epochs)
+            return "diverged", EXIT_DIVERGED, str(exc), epoch
+        s.elapsed += time.perf_counter() - epoch_started
+        record.update(epoch_time=time.perf_counter() - epoch_started, elapsed=s.elapsed)
+        record_test_metrics(s, record)
+        if accelerator.is_main_process:
+            write_epoch_outputs(s, record)
+        s.progress = EpochProgress()
+        save_resume(s, epoch, s.progress)
+        reporter.epoch_end(record, cfg.epochs)
+        if stop_early:
+            detail = (
+                "early stopping: the validation loss did not improve for "
+                f"{s.stopper.bad_epochs} epochs (patience {cfg.early_stopping_patience})"
+            )
+            return "early-stopped", EXIT_OK, detail, epoch
+        # A signal that came during validation or saving: the state is already saved.
+        nothing = torch.zeros((), device=accelerator.device)
+        if check_stop(accelerator, bool(stop_request), nothing)[0]:
+            detail = f"stopped by {stop_request.name} after epoch {epoch}: resume with --resume"
+            return "preempted", EXIT_PREEMPTED, detail, epoch
+    return "completed", EXIT_OK, "", epoch
 
 
-def checkpoint_metadata(cfg: TrainConfig, epoch: int, record: dict, n_params: int) -> dict:
-    return {
-        "model": cfg.model,
-        "epoch": epoch,
-        "metrics": {
-            k: v for k, v in record.items() if k in ("train_loss", "valid_loss", "valid_accuracy")
-        },
-        "num_parameters": n_params,
-        "channels_last": cfg.channels_last,
-        "config": cfg.to_dict(),
-    }
+def finish(s: Session, status: str, detail: str, epoch: int) -> None:
+    """summary.json, with where every rank ended: they must agree."""
+    from accelerate.utils import gather_object
+
+    ranks = gather_object(
+        [
+            {
+                "rank": s.accelerator.process_index,
+                "epoch": epoch,
+                "lr": s.optimizer.param_groups[0]["lr"],
+                "early_stopping_bad_epochs": s.stopper.bad_epochs,
+            }
+        ]
+    )
+    if s.accelerator.is_main_process:
+        summary = {
+            "status": status,
+            "detail": detail,
+            "epochs_completed": len(s.metrics.read()),
+            "best": s.best.state_dict(),
+            "world_size": s.accelerator.num_processes,
+            "distributed_type": s.accelerator.distributed_type.value,
+            "mixed_precision": s.accelerator.mixed_precision,
+            "elapsed": s.elapsed,
+            "ranks": ranks,
+        }
+        atomic_write_text(s.run_dir / rundir.SUMMARY, json.dumps(summary, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -68,14 +69,17 @@ def test_unconnected_processes_are_refused(tmp_path):
     gives two unconnected single-process runs. The toolkit must refuse, not train twice."""
     script = tmp_path / "plain.py"
     script.write_text(
+        "import sys\n"
         "import fmnist_accel.hardware as hardware\n"
         "from fmnist_accel.errors import UserError\n"
         "hardware.wants_cpu = lambda: False  # what a plain Accelerator() does\n"
         "try:\n"
         "    hardware.make_accelerator()\n"
-        "    print('JOINED')\n"
+        "    line = 'JOINED'\n"
         "except UserError as exc:\n"
-        "    print('REFUSED:', exc)\n"
+        "    line = f'REFUSED: {exc}'\n"
+        "sys.stdout.write(line + '\\n')  # one write: the two ranks share the pipe\n"
+        "sys.stdout.flush()\n"
     )
     proc = run(launch_command(2, [str(script)]))
     assert proc.returncode == 0, why(proc)
@@ -176,6 +180,17 @@ def test_one_and_two_processes_agree_at_the_same_global_batch(data_dir, tmp_path
         torch.testing.assert_close(w1[key], w2[key], rtol=1e-3, atol=1e-4)
 
 
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"nothing listens on port {port} after {timeout} s")
+
+
 def test_two_machines_on_localhost_train_together(data_dir, tmp_path):
     port = free_port()
     env = child_env(ACCELERATE_USE_CPU="1")
@@ -188,6 +203,10 @@ def test_two_machines_on_localhost_train_together(data_dir, tmp_path):
                "--epochs", "2", *common(data_dir, tmp_path, "mm")]  # fmt: skip
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))  # fmt: skip
+        if machine_rank == 0:
+            # The head machine first, as on a cluster: on 127.0.0.1 either launcher could
+            # host the rendezvous, and machine 0's launcher refuses a port already taken.
+            wait_for_port(port, procs[0])
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]

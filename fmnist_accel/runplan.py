@@ -1,0 +1,117 @@
+"""Where a training run writes, and what it resumes from.
+
+The main process decides (a new run folder, or an interrupted run to continue and its saved
+state) and every other rank receives the same decision, or the same error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import rundir
+from .checkpoint import load_resume_state
+from .config import RESUMABLE_OVERRIDES, TrainConfig, resolve_config
+from .errors import UserError
+
+
+@dataclass
+class RunPlan:
+    """What the main process decided about the run folder; broadcast to every rank."""
+
+    run_dir: str = ""
+    config: dict = field(default_factory=dict)
+    resume_state: dict | None = None
+    finished: str | None = None  # set when the run to resume has already ended
+    error: str | None = None
+
+
+def plan_run(explicit: dict[str, Any]) -> RunPlan:
+    """Main process only: pick the run folder, and the state to resume from if any."""
+    cfg = resolve_config(explicit)
+    output_dir = Path(cfg.output_dir)
+    resume_dir = find_resume_dir(cfg, output_dir)
+    if resume_dir is None:
+        if cfg.run_name:
+            run_dir = output_dir / cfg.run_name
+            if cfg.resume is None and run_dir.exists() and any(run_dir.iterdir()):
+                raise UserError(
+                    f"{run_dir} already exists: pass --resume auto to continue it, or choose "
+                    "another --run-name"
+                )
+        else:
+            run_dir = rundir.unique_run_dir(output_dir, rundir.default_run_name(cfg.model))
+        rundir.check_writable(run_dir)
+        return RunPlan(run_dir=str(run_dir), config=cfg.to_dict())
+
+    state = load_resume_state(resume_dir / rundir.RESUME)
+    saved = state["config"]
+    for key, value in explicit.items():
+        if value is None or key in RESUMABLE_OVERRIDES or key == "recipe":
+            continue
+        if saved.get(key) != value:
+            raise UserError(
+                f"--{key.replace('_', '-')} {value} differs from the run being resumed "
+                f"({resume_dir} has {saved.get(key)}); resume without it or start a new run"
+            )
+    resumed = {
+        **saved,
+        **{k: v for k, v in explicit.items() if v is not None and k in RESUMABLE_OVERRIDES},
+    }
+    resumed["run_name"] = resume_dir.name
+    resumed["output_dir"] = str(resume_dir.parent)
+    resumed["resume"] = cfg.resume
+    if resumed["epochs"] != saved["epochs"] and saved["scheduler"] in ("onecycle", "cosine"):
+        raise UserError(
+            f"--epochs cannot change when resuming a run with the {saved['scheduler']} "
+            "schedule: its learning rates are fixed by the original length"
+        )
+    rundir.check_writable(resume_dir)
+    rundir.remove_temp_files(resume_dir)
+    plan = RunPlan(run_dir=str(resume_dir), config=resumed, resume_state=state)
+    status = rundir.run_status(resume_dir)
+    if status == "early-stopped" or (status == "completed" and state["epoch"] >= resumed["epochs"]):
+        plan.finished = status
+    return plan
+
+
+def find_resume_dir(cfg: TrainConfig, output_dir: Path) -> Path | None:
+    """The run folder to continue, or None for a new run."""
+    if cfg.resume is None:
+        return None
+    if cfg.resume != "auto":
+        path = Path(cfg.resume)
+        if path.name == rundir.RESUME:
+            path = path.parent
+        if not (path / rundir.RESUME).is_file():
+            raise UserError(f"--resume {cfg.resume}: no {rundir.RESUME} there to resume from")
+        return path
+    if cfg.run_name:
+        path = output_dir / cfg.run_name
+        return path if (path / rundir.RESUME).is_file() else None
+    for path in rundir.runs_newest_first(output_dir):
+        if (path / rundir.RESUME).is_file() and rundir.run_status(
+            path
+        ) not in rundir.FINISHED_STATUSES:
+            return path
+    return None
+
+
+def share_plan(accelerator, explicit: dict[str, Any]) -> RunPlan:
+    """The main process plans the run; every rank gets the same plan (or the same error)."""
+    from accelerate.utils import broadcast_object_list
+
+    plan = RunPlan()
+    if accelerator.is_main_process:
+        try:
+            plan = plan_run(explicit)
+        except (UserError, ValueError) as exc:
+            plan = RunPlan(error=str(exc))
+    if accelerator.num_processes > 1:
+        box = [plan]
+        broadcast_object_list(box, from_process=0)
+        plan = box[0]
+    if plan.error:
+        raise UserError(plan.error)
+    return plan
