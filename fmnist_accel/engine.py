@@ -79,7 +79,10 @@ def train_one_epoch(
         count += len(y)
         step += 1
         on_step(step)
-        if step % CHECK_EVERY == 0 or step == steps:
+        # Alone, a process reads its own stop flag after every step for free; ranks must
+        # agree on the step, so they meet every CHECK_EVERY steps.
+        alone_and_stopped = accelerator.num_processes == 1 and stop_requested()
+        if step % CHECK_EVERY == 0 or step == steps or alone_and_stopped:
             stop, bad_ranks = check_stop(accelerator, stop_requested(), loss_sum)
             if stop:
                 return EpochResult(EpochProgress(step, loss_sum.item(), count), stop, bad_ranks)

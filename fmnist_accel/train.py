@@ -210,6 +210,9 @@ def build_session(accelerator, plan: RunPlan, reporter: Reporter) -> Session:
     run_dir, state = Path(plan.run_dir), plan.resume_state
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
+        torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls
 
     # Every rank reads the files (the local main process first, in case it downloads).
     try:

@@ -7,8 +7,10 @@ Environment variables choose the faults (all optional):
   FAULT_NAN_RANK=R           ...on this rank the training loss becomes NaN
   FAULT_NAN_STEP=K           ...from its K-th training step on (1-based, counted per process)
   FAULT_KILL_STEP=K          SIGKILL this process at its K-th training step
-  FAULT_KILL_WRITE=N         SIGKILL this process during its N-th atomic file write, after
-                             half of the new file is on disk and before it replaces the old
+  FAULT_TERM_STEP=K          SIGTERM this process at its K-th training step (a graceful stop)
+  FAULT_KILL_WRITE=NAME:N    SIGKILL this process during its N-th atomic write of a file named
+                             NAME, after half of the new file is on disk and before it
+                             replaces the old one
 The package code has no hooks for this: the faults are patched in from outside.
 """
 
@@ -39,6 +41,7 @@ def install_faults() -> None:
 
     nan_rank, nan_step = env_int("FAULT_NAN_RANK"), env_int("FAULT_NAN_STEP")
     kill_step = env_int("FAULT_KILL_STEP")
+    term_step = env_int("FAULT_TERM_STEP")
     real_loss = engine.training_loss
     steps = 0
 
@@ -47,6 +50,8 @@ def install_faults() -> None:
         steps += 1
         if kill_step is not None and steps == kill_step:
             os.kill(os.getpid(), signal.SIGKILL)
+        if term_step is not None and steps == term_step:
+            os.kill(os.getpid(), signal.SIGTERM)
         loss = real_loss(logits, labels, label_smoothing)
         if nan_rank == RANK and nan_step is not None and steps >= nan_step:
             loss = loss * torch.tensor(float("nan"))
@@ -54,15 +59,15 @@ def install_faults() -> None:
 
     engine.training_loss = faulty_loss
 
-    kill_write = env_int("FAULT_KILL_WRITE")
-    if kill_write is not None:
+    if os.environ.get("FAULT_KILL_WRITE"):
+        kill_name, kill_count = os.environ["FAULT_KILL_WRITE"].rsplit(":", 1)
         real_write = checkpoint.atomic_write
         writes = 0
 
         def faulty_atomic_write(path, write):
             nonlocal writes
-            writes += 1
-            if writes != kill_write:
+            writes += Path(path).name == kill_name
+            if Path(path).name != kill_name or writes != int(kill_count):
                 return real_write(path, write)
 
             def half_then_die(tmp):

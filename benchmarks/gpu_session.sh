@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Every GPU figure of benchmarks/RESULTS.md in one session, most important first; each step
+# writes its results under OUT as soon as it ends, so a session cut short keeps what it did.
+#
+#   DATA=path/to/data OUT=benchmarks/out bash benchmarks/gpu_session.sh
+#
+# Needs torch with CUDA, accelerate, tensorboard, rich, click, safetensors (the package itself
+# is taken from this checkout through PYTHONPATH: nothing is installed).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+DATA=${DATA:-data}
+OUT=${OUT:-benchmarks/out}
+mkdir -p "$OUT"
+step() { echo; echo "=== $* ($(date +%T))"; }
+
+step "machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+python -c 'import torch, accelerate; print("torch", torch.__version__, "accelerate", accelerate.__version__)'
+
+step "1. speed: seed loop vs toolkit (cnn-bn), and time to 0.92/0.93 test accuracy"
+python benchmarks/benchmark.py --data-dir "$DATA" --models cnn-bn --seed-seconds 15 \
+    --epochs 4 --accuracy --seed-budget 60 --out "$OUT"
+
+step "2. high-accuracy recipe: 30 s and 60 s of training"
+python benchmarks/recipes.py --data-dir "$DATA" --set high-accuracy --mixed-precision bf16 --out "$OUT"
+
+step "3. the seed's table with the default recipe"
+python benchmarks/recipes.py --data-dir "$DATA" --set seed-table --mixed-precision bf16 --out "$OUT"
+
+step "4. fp16 (loss scaling) smoke run"
+python -m fmnist_accel.train --model cnn-bn --epochs 2 --mixed-precision fp16 \
+    --data-dir "$DATA" --output-dir /tmp/fp16 --run-name fp16 &&
+    python -m fmnist_accel eval last --run-dir /tmp/fp16/fp16 --json | cut -c1-200
+step "done"

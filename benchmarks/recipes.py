@@ -1,0 +1,167 @@
+"""Train named recipes to the end and measure them on the test set: the README's results table
+and the high-accuracy targets.
+
+    python benchmarks/recipes.py --data-dir ../shared/data --set seed-table
+    python benchmarks/recipes.py --data-dir ../shared/data --set high-accuracy \
+        --mixed-precision bf16
+    python benchmarks/recipes.py --data-dir ../shared/data --set high-accuracy-cpu
+
+Each row is one `python -m fmnist_accel.train` process (its exact options are printed), then
+`fmnist-accel eval` of its best and last checkpoints (and of last with flip TTA). Times:
+"training" is the run's own elapsed time (training and validation, without start-up or
+checkpoint writing), "wall" the whole process. Results go to OUT/recipes-SET.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+# name -> options. Seed figures from seed/fmnist-blog-ko.md (best, last checkpoint).
+SEED_TABLE = {
+    "mlp": (["--model", "mlp"], (0.8784, 0.8765)),
+    "cnn": (["--model", "cnn"], (0.9176, 0.9154)),
+    "cnn-bn": (["--model", "cnn-bn"], (0.9298, 0.9289)),
+}
+# The high-accuracy recipe, trained on all 60k training images (no validation: a fixed
+# schedule) for a 30 s and a 60 s training budget on one GPU.
+HIGH_ACCURACY = ["--recipe", "high-accuracy", "--valid-size", "0"]
+
+
+def hardware() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    import platform
+
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def run_recipe(name: str, options: list[str], data_dir: str, workdir: Path) -> dict:
+    cmd = ["--data-dir", data_dir, "--output-dir", str(workdir), "--run-name", name, *options]
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "fmnist_accel.train", *cmd], capture_output=True, text=True
+    )
+    wall = time.perf_counter() - started
+    print(proc.stdout[-1500:], flush=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
+    run_dir = workdir / name
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    startup = re.search(r"first training step done ([\d.]+) s", proc.stdout)
+    row = {
+        "name": name,
+        "command": "fmnist-accel train " + " ".join(options),
+        "hardware": hardware(),
+        "status": summary["status"],
+        "epochs": len(records),
+        "training_seconds": records[-1]["elapsed"],
+        "wall_seconds": wall,
+        "startup_seconds": float(startup.group(1)) if startup else None,
+        "trained_on_validation_images": "--valid-size" in options,
+    }
+    for kind in ("best", "last"):
+        if (run_dir / f"{kind}.safetensors").exists():
+            row[f"{kind}_test_accuracy"] = evaluate(run_dir, kind, data_dir)
+    row["last_tta_test_accuracy"] = evaluate(run_dir, "last", data_dir, "--tta")
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def evaluate(run_dir: Path, kind: str, data_dir: str, *extra: str) -> float:
+    proc = subprocess.run(
+        [sys.executable, "-m", "fmnist_accel", "eval", kind, "--run-dir", str(run_dir),
+         "--data-dir", data_dir, "--json", *extra],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return json.loads(proc.stdout)["accuracy"]
+
+
+def high_accuracy_rows(data_dir: str, workdir: Path, common: list[str]) -> list[dict]:
+    """40 epochs (about 26 s on an H100 in the probe of DESIGN.md), then as many epochs as
+    fit in 58 s at the speed that run measured; the 30 s row is redone shorter if needed."""
+    rows = [run_recipe("ha-40", [*HIGH_ACCURACY, "--epochs", "40", *common], data_dir, workdir)]
+    per_epoch = rows[0]["training_seconds"] / rows[0]["epochs"]
+    if rows[0]["training_seconds"] > 30:
+        epochs = int(29.5 / per_epoch)
+        rows.append(
+            run_recipe(
+                f"ha-{epochs}",
+                [*HIGH_ACCURACY, "--epochs", str(epochs), *common],
+                data_dir,
+                workdir,
+            )
+        )
+    epochs = int(58 / per_epoch)
+    rows.append(
+        run_recipe(
+            f"ha-{epochs}", [*HIGH_ACCURACY, "--epochs", str(epochs), *common], data_dir, workdir
+        )
+    )
+    return rows
+
+
+def markdown(rows: list[dict], with_seed: bool) -> str:
+    lines = [
+        "| model / recipe | command | hardware | epochs | training | wall | best ckpt | "
+        "last ckpt | last + TTA |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        best = f"{r['best_test_accuracy']:.4f}" if "best_test_accuracy" in r else "-"
+        cells = [
+            r["name"], f"`{r['command']}`", r["hardware"], str(r["epochs"]),
+            f"{r['training_seconds']:.1f} s", f"{r['wall_seconds']:.1f} s", best,
+            f"{r['last_test_accuracy']:.4f}", f"{r['last_tta_test_accuracy']:.4f}",
+        ]  # fmt: skip
+        if with_seed and r["name"] in SEED_TABLE:
+            seed_best, seed_last = SEED_TABLE[r["name"]][1]
+            cells[6] += f" (seed {seed_best})"
+            cells[7] += f" (seed {seed_last})"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument(
+        "--set", required=True, choices=["seed-table", "high-accuracy", "high-accuracy-cpu"]
+    )
+    parser.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"])
+    parser.add_argument("--epochs", default=None, help="high-accuracy-cpu: epochs of the run")
+    parser.add_argument("--out", default="benchmarks/out")
+    args = parser.parse_args()
+    common = ["--mixed-precision", args.mixed_precision] if args.mixed_precision else []
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        if args.set == "seed-table":
+            rows = [
+                run_recipe(n, [*o, *common], args.data_dir, workdir)
+                for n, (o, _) in SEED_TABLE.items()
+            ]
+        elif args.set == "high-accuracy":
+            rows = high_accuracy_rows(args.data_dir, workdir, common)
+        else:
+            # The 10-minute CPU figure: the recipe with validation kept, as many epochs as fit.
+            options = ["--recipe", "high-accuracy", "--epochs", args.epochs or "8", *common]
+            rows = [run_recipe("ha-cpu", options, args.data_dir, workdir)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"recipes-{args.set}.json").write_text(json.dumps(rows, indent=2) + "\n")
+    table = markdown(rows, with_seed=args.set == "seed-table")
+    (out / f"recipes-{args.set}.md").write_text(table)
+    print("\n" + table)
+
+
+if __name__ == "__main__":
+    main()

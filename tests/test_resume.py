@@ -1,0 +1,102 @@
+"""A run killed at any moment and resumed ends exactly like a run never interrupted.
+
+Single process on the CPU, same seed, --deterministic, with every kind of state in play:
+cnn-bn (dropout RNG, BatchNorm buffers), on-device augmentation, an EMA of the weights, Adam
+and the plateau scheduler. Faults are real: SIGKILL at a training step, SIGKILL in the middle
+of a checkpoint write, SIGTERM (the graceful stop that saves mid-epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+from fakedata import write_fashion_dir
+from launching import metrics, train, why
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = 4
+STEPS_PER_EPOCH = 10  # 500 training images at batch 50
+TIMING = {"train_time", "images_per_sec", "epoch_time", "elapsed"}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_fashion_dir(tmp_path_factory.mktemp("data"), n_train=600, n_test=100)
+
+
+def options(data_dir: Path, out: Path) -> list[str]:
+    return ["--model", "cnn-bn", "--epochs", str(EPOCHS), "--batch-size", "50", "--augment",
+            "--ema-decay", "0.9", "--deterministic", "--data-dir", str(data_dir),
+            "--output-dir", str(out), "--run-name", "run", "--resume", "auto"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference")
+    proc = train(1, options(data_dir, out))
+    assert proc.returncode == 0, why(proc)
+    return out / "run"
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    got, want = metrics(run), metrics(reference)
+    assert [r["epoch"] for r in got] == list(range(1, EPOCHS + 1))
+    for a, b in zip(got, want, strict=True):
+        assert {k: v for k, v in a.items() if k not in TIMING} == {
+            k: v for k, v in b.items() if k not in TIMING
+        }
+    for name in ("best", "last"):
+        a, b = load_file(run / f"{name}.safetensors"), load_file(reference / f"{name}.safetensors")
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key].equal(b[key]), f"{name}: {key} differs"
+        with (
+            safe_open(run / f"{name}.safetensors", "pt") as fa,
+            safe_open(reference / f"{name}.safetensors", "pt") as fb,
+        ):
+            meta_a = json.loads(fa.metadata()["fmnist_accel"])
+            meta_b = json.loads(fb.metadata()["fmnist_accel"])
+        meta_a["config"].pop("output_dir"), meta_b["config"].pop("output_dir")
+        assert meta_a == meta_b
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    assert not list(run.glob(".*.tmp")), "temporary files of interrupted writes were left"
+
+
+def killed(proc, sig: int) -> None:
+    assert proc.returncode in (-sig, 128 + sig, 75), why(proc)
+
+
+def test_kills_at_several_points_resume_to_identical_results(data_dir, reference, tmp_path):
+    args = options(data_dir, tmp_path)
+    run = tmp_path / "run"
+
+    # 1. SIGKILL in the middle of epoch 2 (its 7th step): resumes from the end of epoch 1.
+    killed(train(1, args, faults={"FAULT_KILL_STEP": str(STEPS_PER_EPOCH + 7)}), signal.SIGKILL)
+    assert [r["epoch"] for r in metrics(run)] == [1]
+
+    # 2. SIGKILL while last.safetensors of epoch 2 is half written: the old file survives.
+    proc = train(1, args, faults={"FAULT_KILL_WRITE": "last.safetensors:1"})
+    killed(proc, signal.SIGKILL)
+    assert list(run.glob(".last.safetensors.*.tmp")), "the kill should come mid-write"
+    meta = safe_open(run / "last.safetensors", "pt").metadata()
+    assert json.loads(meta["fmnist_accel"])["epoch"] == 1
+
+    # 3. SIGKILL while resume.pt is half written (the first write of this attempt: epoch 2's).
+    killed(train(1, args, faults={"FAULT_KILL_WRITE": "resume.pt:1"}), signal.SIGKILL)
+
+    # 4. SIGTERM at step 5 of the next epoch: saves mid-epoch state and exits 75.
+    proc = train(1, args, faults={"FAULT_TERM_STEP": "5"})
+    assert proc.returncode == 75, why(proc)
+    assert "state saved" in proc.stdout
+
+    # 5. Resume to the end.
+    proc = train(1, args)
+    assert proc.returncode == 0, why(proc)
+    assert "resuming after epoch" in proc.stdout and ", step 5)" in proc.stdout
+    assert_same_run(run, reference)
