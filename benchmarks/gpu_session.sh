@@ -12,23 +12,29 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 DATA=${DATA:-data}
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
-step() { echo; echo "=== $* ($(date +%T))"; }
+# Only JSON is kept under OUT (the tables are made again from it): at most 8 files come back.
+step() { rm -f "$OUT"/*.md; echo; echo "=== $* ($(date +%T))"; }
 
 step "machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 python -c 'import torch, accelerate; print("torch", torch.__version__, "accelerate", accelerate.__version__)'
 
 step "1. speed: seed loop vs toolkit (cnn-bn), and time to 0.92/0.93 test accuracy"
-python benchmarks/benchmark.py --data-dir "$DATA" --models cnn-bn --seed-seconds 15 \
-    --epochs 4 --accuracy --seed-budget 60 --out "$OUT"
+python benchmarks/benchmark.py --data-dir "$DATA" --models cnn-bn --seed-seconds 10 \
+    --epochs 4 --accuracy --seed-budget 45 --out "$OUT"
 
-step "2. high-accuracy recipe: 30 s and 60 s of training"
+step "2. candidates for the default cnn-bn recipe (full runs, bf16)"
+python benchmarks/recipes.py --data-dir "$DATA" --set default-sweep --mixed-precision bf16 --out "$OUT"
+
+step "3. high-accuracy recipe: 30 s and 60 s of training"
 python benchmarks/recipes.py --data-dir "$DATA" --set high-accuracy --mixed-precision bf16 --out "$OUT"
 
-step "3. the seed's table with the default recipe"
-python benchmarks/recipes.py --data-dir "$DATA" --set seed-table --mixed-precision bf16 --out "$OUT"
+step "4. the seed's table with the default recipe"
+# (the cnn-bn row is step 1's default run)
+python benchmarks/recipes.py --data-dir "$DATA" --set seed-table --models mlp,cnn \
+    --mixed-precision bf16 --out "$OUT"
 
-step "4. fp16 (loss scaling) smoke run"
+step "5. fp16 (loss scaling) smoke run"
 python -m fmnist_accel.train --model cnn-bn --epochs 2 --mixed-precision fp16 \
     --data-dir "$DATA" --output-dir /tmp/fp16 --run-name fp16 &&
     python -m fmnist_accel eval last --run-dir /tmp/fp16/fp16 --json | cut -c1-200
