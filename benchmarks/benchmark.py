@@ -99,6 +99,18 @@ def seed_throughput(model: str, data_dir: str, device: torch.device, seconds: fl
     return images / elapsed
 
 
+def help_seconds(repeats: int = 5) -> float:
+    """Median wall time of `fmnist-accel --help` (target: under half a second)."""
+    script = Path(sys.executable).parent / "fmnist-accel"
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "fmnist_accel"]
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        subprocess.run([*cmd, "--help"], capture_output=True, check=True)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def first_reaching(points: list[tuple[float, float]], target: float) -> float | None:
     """The training time of the first (time, test accuracy) point at or above target."""
     return next((t for t, acc in points if acc >= target), None)
@@ -150,6 +162,8 @@ def markdown(results: dict) -> str:
     lines = [
         f"Device: {results['device']}; torch {results['torch']}; {results['date']}",
         "",
+        f"`fmnist-accel --help`: {results['help_seconds']:.2f} s (median of 5).",
+        "",
         "| model | seed loop (batch 16) img/s | toolkit setting | toolkit img/s | ratio |",
         "| --- | ---: | --- | ---: | ---: |",
     ]
@@ -199,8 +213,10 @@ def main() -> None:
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
         "throughput": [],
+        "help_seconds": help_seconds(),
     }
     print(f"device: {results['device']}", flush=True)
+    print(f"fmnist-accel --help: {results['help_seconds']:.2f} s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         for model in args.models.split(","):

@@ -1,0 +1,131 @@
+"""On-device augmentation (random crop with padding, horizontal flip), the epoch's data
+order, and test-time augmentation: shapes, determinism under a seed, labels untouched."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from fakedata import fake_split
+from torch import nn
+
+from fmnist_accel.data import Split
+from fmnist_accel.device_data import (
+    CROP_PADDING,
+    EvalSet,
+    TrainStream,
+    augment,
+    epoch_indices,
+    seeded_generator,
+)
+from fmnist_accel.engine import evaluate
+
+
+def images(n: int = 64) -> torch.Tensor:
+    return fake_split(n, seed=3)[0]
+
+
+def crops_and_flips(image: torch.Tensor) -> list[torch.Tensor]:
+    """Every image augment() may make of `image`."""
+    p = CROP_PADDING
+    padded = F.pad(image, (p, p, p, p))
+    out = []
+    for dy in range(2 * p + 1):
+        for dx in range(2 * p + 1):
+            crop = padded[dy : dy + 28, dx : dx + 28]
+            out += [crop, crop.flip(-1)]
+    return out
+
+
+def test_augment_keeps_shape_and_dtype():
+    x = images()
+    y = augment(x, seeded_generator(0, 1))
+    assert y.shape == x.shape and y.dtype == torch.uint8
+
+
+def test_augment_is_a_function_of_its_seed():
+    x = images()
+    a, b = augment(x, seeded_generator(0, 1)), augment(x, seeded_generator(0, 1))
+    assert a.equal(b)
+    assert not a.equal(augment(x, seeded_generator(0, 2)))
+
+
+def test_each_augmented_image_is_a_crop_or_mirror_of_its_own_source():
+    x = images(32)
+    y = augment(x, seeded_generator(5))
+    for source, result in zip(x, y, strict=True):
+        assert any(result.equal(c) for c in crops_and_flips(source))
+    # and it does change images: not all are the identity
+    assert sum(not r.equal(s) for s, r in zip(x, y, strict=True)) > len(x) // 2
+
+
+def test_augmented_epoch_keeps_every_label_with_its_image():
+    raw_images, labels = fake_split(200, seed=4)
+    split = Split(raw_images, labels.long())
+    plain = TrainStream(
+        split, torch.device("cpu"), 16, 1, 0, seed=7, augment=False, channels_last=False
+    )
+    augmented = TrainStream(
+        split, torch.device("cpu"), 16, 1, 0, seed=7, augment=True, channels_last=False
+    )
+    x_plain, y_plain = plain.epoch(3)
+    x_aug, y_aug = augmented.epoch(3)
+    assert x_aug.shape == x_plain.shape == (200, 1, 28, 28)
+    assert y_aug.equal(y_plain)  # the same order, the same labels
+    order = epoch_indices(200, 1, 0, seed=7, epoch=3)
+    assert y_aug.equal(split.labels[order])
+    # the same epoch again is the same data (a resumed epoch is rebuilt exactly)
+    again = augmented.epoch(3)
+    assert again[0].equal(x_aug) and again[1].equal(y_aug)
+    assert not augmented.epoch(4)[0].equal(x_aug)
+
+
+def test_epoch_shards_are_disjoint_and_interleaved():
+    """W ranks at batch B see exactly the images of one rank at batch W*B."""
+    n, world = 103, 3
+    shards = [epoch_indices(n, world, r, seed=1, epoch=2) for r in range(world)]
+    assert all(len(s) == n // world for s in shards)
+    together = torch.stack(shards, 1).reshape(-1)
+    assert together.equal(epoch_indices(n, 1, 0, seed=1, epoch=2)[: len(together)])
+    assert len(set(together.tolist())) == len(together)
+
+
+class MirrorSensitive(nn.Module):
+    """Logits from the left half of the image only: a mirror changes them."""
+
+    def forward(self, x):
+        left = x[..., :14].mean(dim=(1, 2, 3))
+        return torch.stack([left, -left, 0.5 * left] + [torch.zeros_like(left)] * 7, 1)
+
+
+class MirrorAveraged(MirrorSensitive):
+    """What flip TTA of MirrorSensitive should compute."""
+
+    def forward(self, x):
+        return (super().forward(x) + super().forward(x.flip(-1))) / 2
+
+
+def eval_set(n: int = 50) -> EvalSet:
+    raw_images, labels = fake_split(n, seed=6)
+    split = Split(raw_images, labels.long())
+    return EvalSet(split, torch.device("cpu"), 1, 0, channels_last=False)
+
+
+def test_tta_averages_the_logits_of_an_image_and_its_mirror():
+    accelerator = Accelerator(cpu=True)
+    data = eval_set()
+    tta = evaluate(MirrorSensitive(), data, accelerator, 16, tta=True)
+    expected = evaluate(MirrorAveraged(), data, accelerator, 16)
+    without = evaluate(MirrorSensitive(), data, accelerator, 16)
+    assert tta.num_samples == expected.num_samples == 50
+    assert tta.confusion == expected.confusion
+    assert abs(tta.loss - expected.loss) < 1e-6
+    assert abs(tta.loss - without.loss) > 1e-4  # the mirror did matter
+    # TTA of a model that is already mirror-invariant changes nothing.
+    invariant = evaluate(MirrorAveraged(), data, accelerator, 16, tta=True)
+    assert invariant.confusion == expected.confusion
+    assert abs(invariant.loss - expected.loss) < 1e-6
+    # Deterministic, and independent of the batch size.
+    assert evaluate(MirrorSensitive(), data, accelerator, 16, tta=True) == tta
+    other_batch = evaluate(MirrorSensitive(), data, accelerator, 7, tta=True)
+    assert other_batch.confusion == tta.confusion and abs(other_batch.loss - tta.loss) < 1e-6
