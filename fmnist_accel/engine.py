@@ -75,7 +75,7 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         if step_scheduler is not None:
             step_scheduler.step()
-        loss_sum += loss.detach().double() * len(y)
+        loss_sum.add_(loss.detach(), alpha=len(y))  # one kernel; summed in float64
         count += len(y)
         step += 1
         on_step(step)

@@ -111,14 +111,16 @@ def make_schedulers(cfg: TrainConfig, optimizer, total_steps: int):
         onecycle = sched.OneCycleLR(
             optimizer,
             max_lr=optimizer.param_groups[0]["lr"],
-            total_steps=total_steps,
+            # +1: the scheduler also steps after the last optimizer step, and OneCycleLR's
+            # linear annealing would extrapolate past its end there (to a negative lr).
+            total_steps=total_steps + 1,
             pct_start=0.25,
             anneal_strategy="linear",
             cycle_momentum=False,
         )
         return None, onecycle
     if cfg.scheduler == "cosine":
-        return None, sched.CosineAnnealingLR(optimizer, T_max=total_steps)
+        return None, sched.CosineAnnealingLR(optimizer, T_max=total_steps)  # ends at lr 0
     return None, None
 
 

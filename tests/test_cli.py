@@ -13,6 +13,7 @@ from conftest import N_TEST, N_TRAIN, file_digests
 from fakedata import fake_split
 
 from fmnist_accel.checkpoint import load_model_checkpoint
+from fmnist_accel.config import TrainConfig
 from fmnist_accel.data import CLASS_NAMES
 from fmnist_accel.device_data import normalise
 from fmnist_accel.inference import model_from_checkpoint
@@ -51,7 +52,7 @@ def test_train_writes_the_run_folder(tiny_run):
     for r in records:
         for key in EPOCH_KEYS:
             assert isinstance(r[key], float | int) and r[key] == r[key], key  # a number, not nan
-        assert 0 <= r["valid_accuracy"] <= 1 and r["train_loss"] > 0 and r["lr"] == 1e-3
+        assert 0 <= r["valid_accuracy"] <= 1 and r["train_loss"] > 0 and r["lr"] == TrainConfig().lr
     # the fake classes are easy: two epochs of the MLP learn them
     assert records[-1]["train_loss"] < records[0]["train_loss"]
     assert records[-1]["valid_accuracy"] > 0.5
