@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -69,6 +70,28 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, write)
 
 
+def atomic_copy(source: Path, target: Path) -> None:
+    """target becomes a copy of source, atomically. A hard link when the file system allows
+    (no bytes copied; source is itself only ever replaced, never rewritten in place)."""
+
+    def write(tmp: str) -> None:
+        os.unlink(tmp)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+
+    atomic_write(target, write)
+
+
+def checkpoint_epoch(path: Path) -> int | None:
+    """The epoch in a checkpoint's metadata, or None if there is no readable checkpoint."""
+    try:
+        return load_model_checkpoint(path, metadata_only=True)[1].get("epoch")
+    except UserError:
+        return None
+
+
 def save_model_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict) -> None:
     from safetensors.torch import save_file
 
@@ -77,8 +100,11 @@ def save_model_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], metad
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
-def load_model_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state_dict, metadata) of a checkpoint written by save_model_checkpoint.
+def load_model_checkpoint(
+    path: Path, metadata_only: bool = False
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state_dict, metadata) of a checkpoint written by save_model_checkpoint; with
+    metadata_only, an empty state_dict (only the header is read).
 
     Raises UserError with one line for anything else: a missing file, a file that is not
     safetensors, a truncated one, or a safetensors file without our metadata.
@@ -92,7 +118,7 @@ def load_model_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
-        state_dict = load_file(str(path))
+        state_dict = {} if metadata_only else load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(f"{path} is not a readable checkpoint ({reason})") from None

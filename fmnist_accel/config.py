@@ -179,7 +179,6 @@ RECIPES: dict[str, dict[str, Any]] = {
     "high-accuracy": {
         "model": "resnet9",
         "epochs": 40,
-        "batch_size": 512,
         "optimizer": "sgd",
         "lr": 0.4,
         "momentum": 0.9,
@@ -194,7 +193,16 @@ RECIPES: dict[str, dict[str, Any]] = {
 # Options that may differ from the saved config when a run is resumed: where things are and
 # how long to go on. Anything else would silently make a different run.
 RESUMABLE_OVERRIDES = frozenset(
-    {"epochs", "data_dir", "output_dir", "run_name", "resume", "compile", "eval_batch_size"}
+    {
+        "epochs",
+        "data_dir",
+        "output_dir",
+        "run_name",
+        "resume",
+        "compile",
+        "eval_batch_size",
+        "mixed_precision",  # e.g. resuming on other hardware; never changed silently
+    }
 )
 
 

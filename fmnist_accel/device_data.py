@@ -17,8 +17,6 @@ a run resumes mid-epoch.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -99,7 +97,10 @@ class TrainStream:
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(self.images_per_rank / self.batch_size)
+        """Full batches, and a last partial one unless it would hold a single image: BatchNorm
+        cannot normalise a batch of one in training mode, so that image sits this epoch out."""
+        full, rest = divmod(self.images_per_rank, self.batch_size)
+        return full + (rest > 1)
 
     def epoch(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, labels) of this rank for `epoch`, already augmented and normalised."""

@@ -73,7 +73,8 @@ def train_one_epoch(
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if step_scheduler is not None:
+        # fp16: a step skipped for an overflowed loss scale does not advance the schedule
+        if step_scheduler is not None and not accelerator.optimizer_step_was_skipped:
             step_scheduler.step()
         loss_sum.add_(loss.detach(), alpha=len(y))  # one kernel; summed in float64
         count += len(y)

@@ -34,6 +34,7 @@ def make_accelerator(mixed_precision: str | None = None, **kwargs):
             "launch_configs/ or ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ..."
         )
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        accelerator.end_training()  # the process group goes down before the error exits
         raise UserError("fp16 mixed precision needs a GPU (on CPU accelerate ignores it); use bf16")
     return accelerator
 

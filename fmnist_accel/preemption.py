@@ -1,4 +1,4 @@
-"""Stop requests: SIGTERM, SIGUSR1 (SLURM's warning signal) and SIGINT (Ctrl-C).
+"""Stop requests: SIGTERM, SIGUSR1 (SLURM's warning signal), SIGINT (Ctrl-C) and SIGHUP.
 
 The first signal only sets a flag; the training loop sees it at its next cross-rank check,
 every rank finishes the step it is in, saves the resume state together with the others,
@@ -12,7 +12,9 @@ import os
 import signal
 import time
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
+# Under a launcher each rank that gets a signal says so, with its rank.
+WHO = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 # A second signal this soon after the first is the same request delivered twice: SLURM signals
 # every process of a job (scancel, preemption, the time limit) and torchrun forwards its copy.
 DUPLICATE_WINDOW_S = 1.0
@@ -54,6 +56,6 @@ class StopRequest:
         # os.write, not print: a handler may interrupt a print in progress.
         os.write(
             2,
-            f"received {signal.Signals(signum).name}: finishing the current step and saving the "
+            f"{WHO}received {signal.Signals(signum).name}: finishing the current step and saving the "
             "resume state; send it again to exit at once\n".encode(),
         )

@@ -27,7 +27,7 @@ METRICS = "metrics.jsonl"
 RESUME = "resume.pt"
 SUMMARY = "summary.json"
 TENSORBOARD = "tensorboard"
-FINISHED_STATUSES = ("completed", "early-stopped")
+FINISHED_STATUSES = ("completed", "early-stopped", "diverged")
 
 
 def checkpoint_path(run_dir: Path, name: str) -> Path:

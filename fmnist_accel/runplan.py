@@ -31,7 +31,7 @@ def plan_run(explicit: dict[str, Any]) -> RunPlan:
     """Main process only: pick the run folder, and the state to resume from if any."""
     cfg = resolve_config(explicit)
     output_dir = Path(cfg.output_dir)
-    resume_dir = find_resume_dir(cfg, output_dir)
+    resume_dir = find_resume_dir(cfg, output_dir, explicit)
     if resume_dir is None:
         if cfg.run_name:
             run_dir = output_dir / cfg.run_name
@@ -47,14 +47,13 @@ def plan_run(explicit: dict[str, Any]) -> RunPlan:
 
     state = load_resume_state(resume_dir / rundir.RESUME)
     saved = state["config"]
-    for key, value in explicit.items():
-        if value is None or key in RESUMABLE_OVERRIDES or key == "recipe":
-            continue
-        if saved.get(key) != value:
-            raise UserError(
-                f"--{key.replace('_', '-')} {value} differs from the run being resumed "
-                f"({resume_dir} has {saved.get(key)}); resume without it or start a new run"
-            )
+    conflicts = conflicting_options(explicit, saved)
+    if conflicts:
+        key = conflicts[0]
+        raise UserError(
+            f"--{key.replace('_', '-')} {explicit[key]} differs from the run being resumed "
+            f"({resume_dir} has {saved.get(key)}); resume without it or start a new run"
+        )
     resumed = {
         **saved,
         **{k: v for k, v in explicit.items() if v is not None and k in RESUMABLE_OVERRIDES},
@@ -71,12 +70,24 @@ def plan_run(explicit: dict[str, Any]) -> RunPlan:
     rundir.remove_temp_files(resume_dir)
     plan = RunPlan(run_dir=str(resume_dir), config=resumed, resume_state=state)
     status = rundir.run_status(resume_dir)
-    if status == "early-stopped" or (status == "completed" and state["epoch"] >= resumed["epochs"]):
+    # A completed run goes on only if --epochs now asks for more; the others have ended.
+    if status in ("early-stopped", "diverged") or (
+        status == "completed" and state["epoch"] >= resumed["epochs"]
+    ):
         plan.finished = status
     return plan
 
 
-def find_resume_dir(cfg: TrainConfig, output_dir: Path) -> Path | None:
+def conflicting_options(explicit: dict[str, Any], saved: dict[str, Any]) -> list[str]:
+    """The options given now that would make a resumed run a different run."""
+    return [
+        key
+        for key, value in explicit.items()
+        if value is not None and key not in RESUMABLE_OVERRIDES and saved.get(key) != value
+    ]
+
+
+def find_resume_dir(cfg: TrainConfig, output_dir: Path, explicit: dict[str, Any]) -> Path | None:
     """The run folder to continue, or None for a new run."""
     if cfg.resume is None:
         return None
@@ -90,10 +101,14 @@ def find_resume_dir(cfg: TrainConfig, output_dir: Path) -> Path | None:
     if cfg.run_name:
         path = output_dir / cfg.run_name
         return path if (path / rundir.RESUME).is_file() else None
+    # The newest run that has not ended and that the options given now describe.
     for path in rundir.runs_newest_first(output_dir):
-        if (path / rundir.RESUME).is_file() and rundir.run_status(
-            path
-        ) not in rundir.FINISHED_STATUSES:
+        saved = rundir.read_json(path / rundir.CONFIG) or {}
+        if (
+            (path / rundir.RESUME).is_file()
+            and rundir.run_status(path) not in rundir.FINISHED_STATUSES
+            and not conflicting_options(explicit, saved)
+        ):
             return path
     return None
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -26,7 +27,14 @@ import torch
 from torch import nn
 
 from . import rundir
-from .checkpoint import atomic_write_text, save_model_checkpoint, save_resume_state
+from .averaging import WeightEMA
+from .checkpoint import (
+    atomic_copy,
+    atomic_write_text,
+    checkpoint_epoch,
+    save_model_checkpoint,
+    save_resume_state,
+)
 from .config import TrainConfig, check_config, config_from_dict, resolve_config
 from .data import load_split, train_valid_split
 from .device_data import EvalSet, TrainStream
@@ -124,12 +132,6 @@ def make_schedulers(cfg: TrainConfig, optimizer, total_steps: int):
     return None, None
 
 
-def make_ema(model: nn.Module, decay: float):
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-
-
 class BestTracker:
     """The best value of the monitored metric so far (strictly better replaces it)."""
 
@@ -152,20 +154,20 @@ class BestTracker:
         self.value, self.epoch = state["value"], state["epoch"]
 
 
-def rank_state(progress: EpochProgress) -> dict:
+def rank_state(progress: EpochProgress, device: torch.device) -> dict:
     """What differs between ranks: RNG streams (dropout) and the partial epoch's loss sums."""
     return {
         "cpu_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         "loss_sum": progress.loss_sum,
         "count": progress.count,
     }
 
 
-def restore_rank_state(state: dict, step: int) -> EpochProgress:
+def restore_rank_state(state: dict, step: int, device: torch.device) -> EpochProgress:
     torch.set_rng_state(state["cpu_rng"])
-    if state["cuda_rng"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda_rng"])
+    if state["cuda_rng"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
     return EpochProgress(step=step, loss_sum=state["loss_sum"], count=state["count"])
 
 
@@ -203,24 +205,70 @@ class Session:
         return self.ema.module if self.ema is not None else self.plain_model
 
 
-def build_session(accelerator, plan: RunPlan, reporter: Reporter) -> Session:
+def settle_config(accelerator, plan: RunPlan, explicit: dict[str, Any]) -> TrainConfig:
+    """The run's config as this launch really runs it. The Accelerator was built before the
+    main process found the run to resume: a resumed run must not change precision silently."""
+    from accelerate.utils import DynamoBackend
+
+    cfg = config_from_dict(plan.config)
+    actual = accelerator.mixed_precision
+    if (
+        plan.resume_state is not None
+        and explicit.get("mixed_precision") is None
+        and cfg.mixed_precision != actual
+    ):
+        raise UserError(
+            f"{plan.run_dir} trained with mixed precision {cfg.mixed_precision} but this launch "
+            f"uses {actual}: resume with --mixed-precision {cfg.mixed_precision}, or give "
+            f"--mixed-precision {actual} to change it"
+        )
+    return replace(
+        cfg,
+        mixed_precision=actual,
+        compile=accelerator.state.dynamo_plugin.backend != DynamoBackend.NO,
+        # eval and predict read the data of the run from wherever they are started
+        data_dir=os.path.abspath(cfg.data_dir),
+    )
+
+
+def load_data(accelerator, cfg: TrainConfig):
+    """(60k training split, test split or None), read by every rank, the local main process
+    first (it may download). An error on any rank becomes the same UserError on every rank:
+    a rank that raised inside local_main_process_first would leave the others in its barrier."""
+    from accelerate.utils import gather_object
+
+    def attempt():
+        try:
+            test = load_split(cfg.data_dir, "test") if cfg.test_every_epoch else None
+            return (load_split(cfg.data_dir, "train"), test), None
+        except UserError as exc:
+            return None, str(exc)
+
+    with accelerator.local_main_process_first():
+        loaded, error = attempt()
+    errors = [e for e in gather_object([error]) if e]
+    if errors:
+        raise UserError(errors[0])
+    return loaded
+
+
+def build_session(accelerator, plan: RunPlan, cfg: TrainConfig, reporter: Reporter) -> Session:
     """Data on the device, the model and its optimizer, restored from the plan's saved state."""
     from accelerate.utils import set_seed
 
     rank, world, device = accelerator.process_index, accelerator.num_processes, accelerator.device
-    cfg = replace(config_from_dict(plan.config), mixed_precision=accelerator.mixed_precision)
     run_dir, state = Path(plan.run_dir), plan.resume_state
     if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
+        # On GPUs some kernels (e.g. adaptive max-pool backward) have no deterministic
+        # version: warn there instead of failing. cuBLAS's setting is made in train().
+        torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+        torch.backends.cudnn.benchmark = False
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
         torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls
 
-    # Every rank reads the files (the local main process first, in case it downloads).
     try:
-        with accelerator.local_main_process_first():
-            full_train = load_split(cfg.data_dir, "train")
-            test = load_split(cfg.data_dir, "test") if cfg.test_every_epoch else None
+        full_train, test = load_data(accelerator, cfg)
     except UserError:
         if accelerator.is_main_process and state is None and not any(run_dir.iterdir()):
             run_dir.rmdir()  # made only to prove it writable: leave no empty run behind
@@ -241,7 +289,7 @@ def build_session(accelerator, plan: RunPlan, reporter: Reporter) -> Session:
     lr = cfg.lr * (world if cfg.scale_lr else 1)
     optimizer = make_optimizer(cfg, model, lr)
     plateau, step_scheduler = make_schedulers(cfg, optimizer, cfg.epochs * stream.steps_per_epoch)
-    ema = make_ema(model, cfg.ema_decay) if cfg.ema_decay else None
+    ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay else None
     s = Session(
         accelerator=accelerator,
         cfg=cfg,
@@ -264,16 +312,21 @@ def build_session(accelerator, plan: RunPlan, reporter: Reporter) -> Session:
     if state is not None:
         load_state(s, state)
     s.model, s.optimizer = accelerator.prepare(model, optimizer)
-    s.plain_model = accelerator.unwrap_model(s.model)
-    set_seed(cfg.seed, device_specific=True)
+    if state is not None and state.get("grad_scaler") and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(state["grad_scaler"])
+    # The module itself, not its torch.compile wrapper (whose state_dict keys would carry an
+    # `_orig_mod.` prefix that no other run or `eval` could load).
+    s.plain_model = accelerator.unwrap_model(s.model, keep_torch_compile=False)
+    set_seed((cfg.seed + rank) % 2**32)  # each rank its own dropout stream
     s.progress = EpochProgress()
     if state is not None:
         if state["world_size"] == world:
-            s.progress = restore_rank_state(state["rank_states"][rank], state["step"])
-        elif state["step"]:
+            s.progress = restore_rank_state(state["rank_states"][rank], state["step"], device)
+        elif state["step"] or step_scheduler is not None:
+            why = "mid-epoch" if state["step"] else f"with the per-step {cfg.scheduler} schedule"
             raise UserError(
-                f"{run_dir} was stopped mid-epoch with {state['world_size']} processes; "
-                f"resume it with the same number (now {world})"
+                f"{run_dir} was stopped {why} on {state['world_size']} processes: resume it "
+                f"on the same number (now {world})"
             )
         else:
             reporter.print(
@@ -300,7 +353,7 @@ def save_resume(s: Session, epoch_done: int, progress: EpochProgress) -> None:
     """Collective: every rank sends its RNG state; the main process writes one file."""
     from accelerate.utils import gather_object
 
-    rank_states = gather_object([rank_state(progress)])
+    rank_states = gather_object([rank_state(progress, s.accelerator.device)])
     if s.accelerator.is_main_process:
         state = {
             "config": s.cfg.to_dict(),
@@ -313,6 +366,8 @@ def save_resume(s: Session, epoch_done: int, progress: EpochProgress) -> None:
             "optimizer": s.optimizer.state_dict(),
             "plateau": s.plateau.state_dict() if s.plateau is not None else None,
             "step_scheduler": s.step_scheduler.state_dict() if s.step_scheduler else None,
+            # fp16's loss scale: without it a resumed run starts again at 2**16 and skips steps
+            "grad_scaler": s.accelerator.scaler.state_dict() if s.accelerator.scaler else None,
             "early_stopping": s.stopper.state_dict(),
             "best": s.best.state_dict(),
             "rank_states": rank_states,
@@ -321,14 +376,16 @@ def save_resume(s: Session, epoch_done: int, progress: EpochProgress) -> None:
     s.accelerator.wait_for_everyone()
 
 
-def start_outputs(s: Session, resumed: bool) -> None:
+def start_outputs(s: Session, state: dict | None) -> None:
     """config.json, metrics.jsonl cut back to the resume point, TensorBoard (main only)."""
     accelerator = s.accelerator
     if accelerator.is_main_process:
-        if not resumed:
+        if state is None:
             config_text = json.dumps(s.cfg.to_dict(), indent=2) + "\n"
             atomic_write_text(s.run_dir / rundir.CONFIG, config_text)
         s.metrics.keep_epochs_up_to(s.start_epoch)
+        if state is not None:
+            repair_checkpoints(s, state)
     accelerator.project_configuration.set_directories(str(s.run_dir))
     accelerator.project_configuration.logging_dir = str(s.run_dir)
     accelerator.init_trackers(
@@ -380,7 +437,8 @@ def validate_epoch(
     record: dict[str, Any] = {
         "epoch": epoch,
         "train_loss": loss_sum / count,
-        "lr": s.optimizer.param_groups[0]["lr"],  # the lr this epoch trained with
+        # the lr this epoch trained with (with a per-step schedule: the lr it ended at)
+        "lr": s.optimizer.param_groups[0]["lr"],
     }
     average_buffers(s.plain_model, accelerator)
     if s.ema is not None:
@@ -411,8 +469,8 @@ def record_test_metrics(s: Session, record: dict) -> None:
         record.update(test_loss=test.loss, test_accuracy=test.accuracy)
 
 
-def write_epoch_outputs(s: Session, record: dict) -> None:
-    """Main process only: metrics line, TensorBoard scalars, best and last checkpoints."""
+def log_epoch(s: Session, record: dict) -> None:
+    """Main process only: the metrics line and the TensorBoard scalars."""
     s.metrics.append(record)
     scalars = {"Loss/train": record["train_loss"], "LearningRate": record["lr"]}
     if "valid_loss" in record:
@@ -422,15 +480,36 @@ def write_epoch_outputs(s: Session, record: dict) -> None:
     if "test_loss" in record:
         scalars.update({"Loss/test": record["test_loss"], "Accuracy/test": record["test_accuracy"]})
     s.accelerator.log(scalars, step=record["epoch"])
-    weights = s.eval_model.state_dict()
+
+
+def write_checkpoints(s: Session, record: dict) -> None:
+    """Main process only: last.safetensors, and best.safetensors as a copy of it when this
+    epoch is the best. Called after resume.pt is saved, so that a kill in between leaves
+    checkpoints that repair_checkpoints can write again from resume.pt."""
+    last = rundir.checkpoint_path(s.run_dir, "last")
     meta = checkpoint_metadata(s.cfg, record, count_parameters(s.plain_model))
+    save_model_checkpoint(last, s.eval_model.state_dict(), meta)
     if record.get("is_best"):
-        save_model_checkpoint(
-            rundir.checkpoint_path(s.run_dir, "best"), weights, {**meta, "kind": "best"}
-        )
-    save_model_checkpoint(
-        rundir.checkpoint_path(s.run_dir, "last"), weights, {**meta, "kind": "last"}
-    )
+        atomic_copy(last, rundir.checkpoint_path(s.run_dir, "best"))
+
+
+def repair_checkpoints(s: Session, state: dict) -> None:
+    """Main process, on resume: if the run was killed after saving resume.pt at the end of an
+    epoch but before that epoch's checkpoints were written, write them now from the state."""
+    if state["step"]:
+        return  # stopped mid-epoch: the last epoch's checkpoints were complete before it
+    record = next((r for r in s.metrics.read() if r["epoch"] == state["epoch"]), None)
+    if record is None:
+        return
+    stale = [
+        name
+        for name in ("last", "best")
+        if (name == "last" or record.get("is_best"))
+        and checkpoint_epoch(rundir.checkpoint_path(s.run_dir, name)) != record["epoch"]
+    ]
+    if stale:
+        write_checkpoints(s, record)
+        s.reporter.print(f"rewrote {' and '.join(stale)} checkpoint(s) of epoch {record['epoch']}")
 
 
 def nonfinite_message(run_dir: Path, epoch: int, ranks: list[int], what: str) -> str:
@@ -454,7 +533,6 @@ def checkpoint_metadata(cfg: TrainConfig, record: dict, n_params: int) -> dict:
         "epoch": record["epoch"],
         "metrics": {k: v for k, v in record.items() if k in metric_names},
         "num_parameters": n_params,
-        "channels_last": cfg.channels_last,
         "config": cfg.to_dict(),
     }
 
@@ -469,6 +547,9 @@ def train(explicit: dict[str, Any]) -> int:
         check_config(cfg)
     except ValueError as exc:
         raise UserError(str(exc)) from None
+    if cfg.deterministic:
+        # cuBLAS is deterministic only with a fixed workspace; it must be set before CUDA starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     accelerator = make_training_accelerator(cfg)
     try:
         return run_training(accelerator, explicit)
@@ -484,8 +565,9 @@ def run_training(accelerator, explicit: dict[str, Any]) -> int:
         reporter.print(f"run {plan.run_dir} already ended ({plan.finished}); nothing to do")
         return EXIT_OK
     resumed = plan.resume_state is not None
-    s = build_session(accelerator, plan, reporter)
-    start_outputs(s, resumed)
+    cfg = settle_config(accelerator, plan, explicit)
+    s = build_session(accelerator, plan, cfg, reporter)
+    start_outputs(s, plan.resume_state)
     print_header(s, resumed)
 
     stop_request = StopRequest().install()
@@ -517,7 +599,7 @@ def train_epochs(s: Session, stop_request: StopRequest) -> tuple[str, int, str, 
 
     def on_step(step: int) -> None:
         if s.ema is not None:
-            s.ema.update_parameters(s.plain_model)
+            s.ema.update(s.plain_model)
         reporter.step(step)
         if first_step[0]:
             first_step[0] = False
@@ -572,9 +654,11 @@ def train_epochs(s: Session, stop_request: StopRequest) -> tuple[str, int, str, 
         record.update(epoch_time=time.perf_counter() - epoch_started, elapsed=s.elapsed)
         record_test_metrics(s, record)
         if accelerator.is_main_process:
-            write_epoch_outputs(s, record)
+            log_epoch(s, record)
         s.progress = EpochProgress()
         save_resume(s, epoch, s.progress)
+        if accelerator.is_main_process:
+            write_checkpoints(s, record)
         reporter.epoch_end(record, cfg.epochs)
         if stop_early:
             detail = (
@@ -584,8 +668,9 @@ def train_epochs(s: Session, stop_request: StopRequest) -> tuple[str, int, str, 
             return "early-stopped", EXIT_OK, detail, epoch
         # A signal that came during validation or saving: the state is already saved.
         nothing = torch.zeros((), device=accelerator.device)
-        if check_stop(accelerator, bool(stop_request), nothing)[0]:
-            detail = f"stopped by {stop_request.name} after epoch {epoch}: resume with --resume"
+        if epoch < cfg.epochs and check_stop(accelerator, bool(stop_request), nothing)[0]:
+            signal_name = stop_request.name or "a signal"
+            detail = f"stopped by {signal_name} after epoch {epoch}: resume with --resume"
             return "preempted", EXIT_PREEMPTED, detail, epoch
     return "completed", EXIT_OK, "", epoch
 

@@ -80,6 +80,17 @@ def test_augmented_epoch_keeps_every_label_with_its_image():
     assert not augmented.epoch(4)[0].equal(x_aug)
 
 
+def test_a_last_batch_of_one_image_is_left_out():
+    """BatchNorm cannot train on a batch of one: such a remainder sits the epoch out."""
+    raw_images, labels = fake_split(100, seed=4)
+
+    def steps(n: int, batch: int) -> int:
+        split = Split(raw_images[:n], labels[:n].long())
+        return TrainStream(split, torch.device("cpu"), batch, 1, 0, 0, False, False).steps_per_epoch
+
+    assert (steps(32, 16), steps(33, 16), steps(34, 16)) == (2, 2, 3)
+
+
 def test_epoch_shards_are_disjoint_and_interleaved():
     """W ranks at batch B see exactly the images of one rank at batch W*B."""
     n, world = 103, 3

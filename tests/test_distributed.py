@@ -219,6 +219,16 @@ def test_two_machines_on_localhost_train_together(data_dir, tmp_path):
     assert s["world_size"] == 2 and [r["epoch"] for r in s["ranks"]] == [2, 2]
 
 
+def test_bad_data_stops_every_rank_with_one_error_line(tmp_path):
+    data = write_fashion_dir(tmp_path / "data", n_train=100, n_test=20, gz=False)
+    images = data / "FashionMNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:-100])
+    proc = train(2, ["--model", "mlp", *common(data, tmp_path / "out", "r")], timeout=120)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and "is truncated or corrupt" in errors[0], proc.stderr[-3000:]
+
+
 def test_nonfinite_loss_on_one_rank_stops_all_ranks(data_dir, tmp_path):
     args = [
         "--model",
@@ -263,7 +273,7 @@ def test_stop_signal_to_one_rank_stops_all_and_resumes(data_dir, tmp_path):
     os.kill(int((pid_dir / "rank1.pid").read_text()), signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0
-    assert "received SIGTERM" in err
+    assert "rank 1: received SIGTERM" in err
     s = summary(tmp_path / "sig")
     assert s["status"] == "preempted"
     stopped_at = [m["epoch"] for m in metrics(tmp_path / "sig")]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from fakedata import write_fashion_dir
-from launching import metrics, train, why
+from launching import BIN, metrics, run, train, why
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -80,15 +80,21 @@ def test_kills_at_several_points_resume_to_identical_results(data_dir, reference
     killed(train(1, args, faults={"FAULT_KILL_STEP": str(STEPS_PER_EPOCH + 7)}), signal.SIGKILL)
     assert [r["epoch"] for r in metrics(run)] == [1]
 
-    # 2. SIGKILL while last.safetensors of epoch 2 is half written: the old file survives.
+    # 2. SIGKILL while last.safetensors of epoch 2 is half written (resume.pt of epoch 2 is
+    # already saved): the old file survives.
     proc = train(1, args, faults={"FAULT_KILL_WRITE": "last.safetensors:1"})
     killed(proc, signal.SIGKILL)
     assert list(run.glob(".last.safetensors.*.tmp")), "the kill should come mid-write"
     meta = safe_open(run / "last.safetensors", "pt").metadata()
     assert json.loads(meta["fmnist_accel"])["epoch"] == 1
 
-    # 3. SIGKILL while resume.pt is half written (the first write of this attempt: epoch 2's).
-    killed(train(1, args, faults={"FAULT_KILL_WRITE": "resume.pt:1"}), signal.SIGKILL)
+    # 3. The next start writes epoch 2's checkpoints again from resume.pt, trains epoch 3, and
+    # is killed while resume.pt is half written.
+    proc = train(1, args, faults={"FAULT_KILL_WRITE": "resume.pt:1"})
+    killed(proc, signal.SIGKILL)
+    assert "resuming after epoch 2" in proc.stdout and "rewrote last" in proc.stdout
+    meta = safe_open(run / "last.safetensors", "pt").metadata()
+    assert json.loads(meta["fmnist_accel"])["epoch"] == 2  # repaired; epoch 3's never came
 
     # 4. SIGTERM at step 5 of the next epoch: saves mid-epoch state and exits 75.
     proc = train(1, args, faults={"FAULT_TERM_STEP": "5"})
@@ -100,3 +106,26 @@ def test_kills_at_several_points_resume_to_identical_results(data_dir, reference
     assert proc.returncode == 0, why(proc)
     assert "resuming after epoch" in proc.stdout and ", step 5)" in proc.stdout
     assert_same_run(run, reference)
+
+
+def test_compiled_model_checkpoints_load_and_resume(data_dir, tmp_path):
+    """torch.compile wraps the model; its checkpoints and resume state must hold the plain
+    module's keys. The launcher's dynamo setting (here the fast 'eager' backend) compiles
+    without --compile, as a default accelerate config with dynamo_backend set would."""
+    args = ["--model", "cnn", "--epochs", "2", "--batch-size", "50", "--data-dir", str(data_dir),
+            "--output-dir", str(tmp_path), "--run-name", "c", "--resume", "auto"]  # fmt: skip
+    faults = {"ACCELERATE_DYNAMO_BACKEND": "EAGER", "FAULT_TERM_STEP": "13"}
+    stopped = train(1, args, faults=faults)
+    assert stopped.returncode == 75, why(stopped)
+    assert "torch.compile" in stopped.stdout
+    resumed = train(1, args, faults={"ACCELERATE_DYNAMO_BACKEND": "EAGER"})
+    assert resumed.returncode == 0, why(resumed)
+    assert "resuming after epoch 1, step 3" in resumed.stdout
+    for name in ("best", "last"):
+        keys = load_file(tmp_path / "c" / f"{name}.safetensors").keys()
+        assert keys and not any(k.startswith("_orig_mod.") for k in keys)
+    eval_proc = run(
+        [str(BIN / "fmnist-accel"), "eval", "last", "--run-dir", str(tmp_path / "c"), "--json"]
+    )
+    assert eval_proc.returncode == 0, eval_proc.stderr
+    assert json.loads(eval_proc.stdout)["num_samples"] == 100
