@@ -227,6 +227,19 @@ def config_from_dict(values: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**values)
 
 
+def unused_options(explicit: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    """Options the user gave that this configuration does not use: worth a note."""
+    unused = {
+        "momentum": cfg.optimizer != "sgd",
+        "plateau_patience": cfg.scheduler != "plateau",
+        "plateau_factor": cfg.scheduler != "plateau",
+        "early_stopping_patience": not cfg.early_stopping,
+        "early_stopping_min_delta": not cfg.early_stopping,
+        "best_metric": cfg.valid_size == 0,
+    }
+    return [name for name, idle in unused.items() if idle and explicit.get(name) is not None]
+
+
 def check_config(cfg: TrainConfig) -> None:
     """Rules that involve more than one option; raises ValueError with a one-line reason."""
     train_images = 60000 - cfg.valid_size

@@ -56,6 +56,6 @@ class StopRequest:
         # os.write, not print: a handler may interrupt a print in progress.
         os.write(
             2,
-            f"{WHO}received {signal.Signals(signum).name}: finishing the current step and saving the "
-            "resume state; send it again to exit at once\n".encode(),
+            f"{WHO}received {signal.Signals(signum).name}: finishing the current step and saving "
+            "the resume state; send it again to exit at once\n".encode(),
         )

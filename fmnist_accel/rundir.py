@@ -91,7 +91,11 @@ def resolve_checkpoint(spec: str, run_dir: str | None, output_dir: str) -> Path:
         folder = resolve_run_dir(run_dir, output_dir)
         path = checkpoint_path(folder, spec)
         if not path.is_file():
-            raise UserError(f"run {folder} has no {spec} checkpoint ({path.name} not found)")
+            config = read_json(folder / CONFIG) or {}
+            hint = (
+                "; it trained without validation: use last" if config.get("valid_size") == 0 else ""
+            )
+            raise UserError(f"run {folder} has no {spec} checkpoint ({path.name} not found{hint})")
         return path
     path = Path(spec)
     if path.is_dir():

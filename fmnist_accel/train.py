@@ -35,7 +35,13 @@ from .checkpoint import (
     save_model_checkpoint,
     save_resume_state,
 )
-from .config import TrainConfig, check_config, config_from_dict, resolve_config
+from .config import (
+    TrainConfig,
+    check_config,
+    config_from_dict,
+    resolve_config,
+    unused_options,
+)
 from .data import load_split, train_valid_split
 from .device_data import EvalSet, TrainStream
 from .engine import (
@@ -566,6 +572,8 @@ def run_training(accelerator, explicit: dict[str, Any]) -> int:
         return EXIT_OK
     resumed = plan.resume_state is not None
     cfg = settle_config(accelerator, plan, explicit)
+    for name in unused_options(explicit, cfg):
+        reporter.print(f"note: --{name.replace('_', '-')} has no effect in this configuration")
     s = build_session(accelerator, plan, cfg, reporter)
     start_outputs(s, plan.resume_state)
     print_header(s, resumed)

@@ -98,3 +98,24 @@ def test_best_checkpoint_selection(metric, values, improved):
     best = BestTracker(metric)
     assert [best.update(v, e) for e, v in enumerate(values, start=1)] == improved
     assert (best.value, best.epoch) == (values[-1], len(values))
+
+
+def test_options_that_have_no_effect_are_named():
+    from fmnist_accel.config import resolve_config, unused_options
+
+    explicit = {"momentum": 0.8, "plateau_patience": 3, "lr": 0.01}
+    assert unused_options(explicit, resolve_config(explicit)) == ["momentum"]
+    explicit = {"optimizer": "sgd", "momentum": 0.8, "scheduler": "cosine", "plateau_factor": 0.5}
+    assert unused_options(explicit, resolve_config(explicit)) == ["plateau_factor"]
+
+
+def test_best_of_a_run_without_validation_points_to_last(tmp_path):
+    import json
+
+    from fmnist_accel.errors import UserError
+    from fmnist_accel.rundir import resolve_checkpoint
+
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.json").write_text(json.dumps({"valid_size": 0}))
+    with pytest.raises(UserError, match="trained without validation: use last"):
+        resolve_checkpoint("best", str(tmp_path / "r"), "runs")
