@@ -210,16 +210,29 @@ def predict_command(
 def run_cli(command: click.Command, argv: list[str] | None, prog_name: str) -> None:
     """Run a click command; any user error becomes one line on stderr and a non-zero exit."""
     try:
-        code = command.main(args=argv, prog_name=prog_name, standalone_mode=False)
+        code = command.main(args=argv, prog_name=prog_name, standalone_mode=False) or 0
     except click.ClickException as exc:
         _error_line(prog_name, exc.format_message())
-        sys.exit(exc.exit_code if exc.exit_code else EXIT_USER_ERROR)
+        code = exc.exit_code if exc.exit_code else EXIT_USER_ERROR
     except click.Abort:
-        sys.exit(130)
+        code = 130
     except UserError as exc:
         _error_line(prog_name, str(exc))
-        sys.exit(exc.exit_code)
-    sys.exit(code or 0)
+        code = exc.exit_code
+    _exit(code)
+
+
+def _exit(code: int) -> None:
+    """Exit with `code`. A rank of a multi-process run skips the interpreter's finalization:
+    gloo's worker threads may still hold tensors then, and freeing them while the interpreter
+    is torn down aborts the process ("terminate called without an active exception"), which
+    the launcher reports as a failure of a run that has finished. Every file it wrote is
+    closed by then; only the standard streams need flushing."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _error_line(prog_name: str, message: str) -> None:
