@@ -40,7 +40,23 @@ def make_accelerator(mixed_precision: str | None = None, **kwargs):
 
 
 def describe(accelerator) -> str:
+    n = torch.get_num_threads()
+    threads = f" ({n} thread{'s' if n > 1 else ''})" if accelerator.device.type == "cpu" else ""
     return (
         f"{accelerator.distributed_type.value}, {accelerator.num_processes} process(es), "
-        f"device {accelerator.device}, mixed precision {accelerator.mixed_precision}"
+        f"device {accelerator.device}{threads}, mixed precision {accelerator.mixed_precision}"
+    )
+
+
+def thread_note(accelerator) -> str | None:
+    """A hint when a CPU run uses fewer threads than the machine has cores to spare: plain
+    `accelerate launch` sets OMP_NUM_THREADS=1 for its process (half the speed on 2 cores)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    spare = (cores or 1) // accelerator.num_processes
+    if accelerator.device.type != "cpu" or torch.get_num_threads() >= spare:
+        return None
+    return (
+        f"note: {torch.get_num_threads()} CPU thread(s) per process of {spare} available "
+        "(OMP_NUM_THREADS, which plain `accelerate launch` sets to 1): set OMP_NUM_THREADS, or "
+        "launch with --config_file launch_configs/cpu_1proc.yaml, or run fmnist-accel train"
     )

@@ -56,7 +56,7 @@ from .engine import (
     train_one_epoch,
 )
 from .errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, TrainingDiverged, UserError
-from .hardware import describe, make_accelerator
+from .hardware import describe, make_accelerator, thread_note
 from .models import build_model, count_parameters
 from .preemption import StopRequest
 from .report import Reporter, seconds_since_process_start
@@ -412,6 +412,9 @@ def print_header(s: Session, resumed: bool) -> None:
     s.reporter.print(
         f"hardware: {describe(s.accelerator)}" + (", torch.compile" if cfg.compile else "")
     )
+    note = thread_note(s.accelerator)
+    if note:
+        s.reporter.print(note)
     scaled = f" (--lr {cfg.lr:g} x {world} processes)" if cfg.scale_lr else ""
     s.reporter.print(
         f"batch: {cfg.batch_size} per process, {cfg.batch_size * world} global; "
