@@ -95,20 +95,23 @@ class SeedRun:
         self.tmp = tempfile.TemporaryDirectory()
         self.writer = SummaryWriter(self.tmp.name)
 
+    def step(self, images, labels) -> float:
+        """The body of the seed's inner loop, its `loss.item()` included."""
+        images, labels = images.to(self.device), labels.to(self.device)
+        outputs = forward(self.model, self.model_name, images)
+        loss = self.criterion(outputs, labels)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
     def train_steps(self, seconds: float) -> tuple[int, float]:
         """Train (the seed's inner loop) for about `seconds`; returns (images, elapsed)."""
-        model, criterion, optimizer = self.model, self.criterion, self.optimizer
-        model.train()
+        self.model.train()
         images_seen, start = 0, time.perf_counter()
         while True:
             for images, labels in iter(self.trainloader):
-                images, labels = images.to(self.device), labels.to(self.device)
-                outputs = forward(model, self.model_name, images)
-                loss = criterion(outputs, labels)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                _ = loss.item()
+                self.step(images, labels)
                 images_seen += len(labels)
                 elapsed = time.perf_counter() - start
                 if elapsed >= seconds:
@@ -116,23 +119,17 @@ class SeedRun:
 
     def epochs(self, max_epochs: int = 50, patience: int = 10):
         """Yield (epoch, seconds of this epoch's training + validation) like the seed's train()."""
-        model, criterion, optimizer = self.model, self.criterion, self.optimizer
+        model = self.model
         min_loss, max_accuracy, trigger = 10000, 0, 0
         for epoch in range(max_epochs):
             start = time.perf_counter()
             model.train()
             train_loss = 0
             for images, labels in iter(self.trainloader):
-                images, labels = images.to(self.device), labels.to(self.device)
-                outputs = forward(model, self.model_name, images)
-                loss = criterion(outputs, labels)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                train_loss += loss.item()
+                train_loss += self.step(images, labels)
             model.eval()
             valid_loss, valid_accuracy = validation(
-                model, self.model_name, self.validloader, criterion, self.device
+                model, self.model_name, self.validloader, self.criterion, self.device
             )
             n = len(self.validloader)
             self.writer.add_scalar("Loss/train", train_loss / len(self.trainloader), epoch)

@@ -105,6 +105,13 @@ def cli(tmp_path):
     return call
 
 
+def one_line(exc_info) -> str:
+    """The message of a raised UserError (pytest.raises' exc_info), checked to be one line."""
+    message = str(exc_info.value)
+    assert message and "\n" not in message
+    return message
+
+
 def assert_one_line_error(result: Result, *fragments: str, rc: int = 2) -> str:
     """A non-zero exit `rc`, exactly one non-empty line on stderr, no traceback anywhere,
     and that line contains every fragment. Returns the line."""

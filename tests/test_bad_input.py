@@ -135,12 +135,18 @@ def test_bad_checkpoint(ws, cli, kind, command):
     check_nothing_damaged(ws, before)
 
 
-def test_truncated_checkpoint_in_a_run(ws, cli):
-    """`eval last` of a run whose last.safetensors was cut short (a copied run)."""
+def copy_with_a_truncated_file(ws, name: str, keep: int) -> tuple[Path, Path]:
+    """A copy of the finished run whose file `name` is cut to `keep` bytes."""
     broken = ws.runs / "broken"
     shutil.copytree(ws.existing, broken)
-    last = broken / "last.safetensors"
-    last.write_bytes(last.read_bytes()[:1000])
+    path = broken / name
+    path.write_bytes(path.read_bytes()[:keep])
+    return broken, path
+
+
+def test_truncated_checkpoint_in_a_run(ws, cli):
+    """`eval last` of a run whose last.safetensors was cut short (a copied run)."""
+    broken, last = copy_with_a_truncated_file(ws, "last.safetensors", 1000)
     before = ws.snapshot()
     res = cli("eval", "last", "--run-dir", broken)
     assert_one_line_error(res, f"{last} is not a readable checkpoint")
@@ -148,10 +154,7 @@ def test_truncated_checkpoint_in_a_run(ws, cli):
 
 
 def test_corrupt_resume_state(ws, cli):
-    broken = ws.runs / "broken"
-    shutil.copytree(ws.existing, broken)
-    resume = broken / "resume.pt"
-    resume.write_bytes(resume.read_bytes()[:2000])
+    broken, resume = copy_with_a_truncated_file(ws, "resume.pt", 2000)
     before = ws.snapshot()
     res = cli("train", "--resume", broken, "--data-dir", ws.data)
     assert_one_line_error(res, f"{resume} is not a readable resume state")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import one_line
 from safetensors.torch import load_file, save_file
 
 from fmnist_accel.checkpoint import (
@@ -24,12 +25,6 @@ from fmnist_accel.checkpoint import (
 from fmnist_accel.errors import UserError
 from fmnist_accel.inference import model_from_checkpoint
 from fmnist_accel.models import build_model
-
-
-def one_line(exc_info) -> str:
-    message = str(exc_info.value)
-    assert message and "\n" not in message
-    return message
 
 
 def tmp_leftovers(folder: Path) -> list[str]:

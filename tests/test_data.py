@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import N_TEST, N_TRAIN, listing
+from conftest import N_TEST, N_TRAIN, listing, one_line
 from fakedata import fake_split, idx_bytes, write_fashion_dir
 
 from fmnist_accel.data import (
@@ -23,12 +23,6 @@ from fmnist_accel.data import (
     train_valid_split,
 )
 from fmnist_accel.errors import UserError
-
-
-def one_line(exc_info) -> str:
-    message = str(exc_info.value)
-    assert "\n" not in message and message
-    return message
 
 
 # ------------------------------------------------------------------------------------------
