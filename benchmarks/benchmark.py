@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from fmnist_accel.rundir import MetricsLog
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from seed_loop import SeedRun  # noqa: E402
 
@@ -70,12 +72,11 @@ def run_toolkit(args: list[str], data_dir: str, workdir: Path, name: str) -> dic
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     startup = re.search(r"first training step done ([\d.]+) s", proc.stdout)
-    records = [
-        json.loads(line) for line in (workdir / name / "metrics.jsonl").read_text().splitlines()
-    ]
     return {
         "command": "python -m fmnist_accel.train " + " ".join(args),
-        "records": records,
+        "run_dir": workdir / name,
+        "stdout": proc.stdout,
+        "records": MetricsLog(workdir / name).read(),
         "wall_seconds": wall,
         "startup_seconds": float(startup.group(1)) if startup else None,
     }

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from benchmark import TARGETS, first_reaching, run_toolkit
 
 # name -> options. Seed figures from seed/fmnist-blog-ko.md (best, last checkpoint).
 SEED_TABLE = {
@@ -44,7 +43,6 @@ DEFAULT_CANDIDATES = {
     "b512-lr3e-3": ["--batch-size", "512", "--lr", "3e-3"],  # the default since
     "b256-lr2e-3-aug": ["--batch-size", "256", "--lr", "2e-3", "--augment"],
 }
-TARGETS = (0.92, 0.93)
 
 
 def hardware() -> str:
@@ -57,20 +55,10 @@ def hardware() -> str:
 
 def run_recipe(name: str, options: list[str], data_dir: str, workdir: Path) -> dict:
     # The test set is evaluated after every epoch for the learning curve (not timed, not used).
-    cmd = ["--data-dir", data_dir, "--output-dir", str(workdir), "--run-name", name,
-           "--test-every-epoch", *options]  # fmt: skip
-    started = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "fmnist_accel.train", *cmd], capture_output=True, text=True
-    )
-    wall = time.perf_counter() - started
-    print(proc.stdout[-1500:], flush=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
-    run_dir = workdir / name
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    run = run_toolkit(["--test-every-epoch", *options], data_dir, workdir, name)
+    print(run["stdout"][-1500:], flush=True)
+    run_dir, records = run["run_dir"], run["records"]
     summary = json.loads((run_dir / "summary.json").read_text())
-    startup = re.search(r"first training step done ([\d.]+) s", proc.stdout)
     row = {
         "name": name,
         "command": "fmnist-accel train " + " ".join(options),
@@ -78,15 +66,14 @@ def run_recipe(name: str, options: list[str], data_dir: str, workdir: Path) -> d
         "status": summary["status"],
         "epochs": len(records),
         "training_seconds": records[-1]["elapsed"],
-        "wall_seconds": wall,
-        "startup_seconds": float(startup.group(1)) if startup else None,
+        "wall_seconds": run["wall_seconds"],
+        "startup_seconds": run["startup_seconds"],
         "trained_on_validation_images": "--valid-size" in options,
         "curve": [(r["epoch"], r["elapsed"], r["test_accuracy"]) for r in records],
     }
     for target in TARGETS:
-        reached = next((r for r in records if r["test_accuracy"] >= target), None)
-        row[f"seconds_to_{target}"] = reached["elapsed"] if reached else None
-        row[f"epochs_to_{target}"] = reached["epoch"] if reached else None
+        row[f"seconds_to_{target}"] = first_reaching([(t, a) for _, t, a in row["curve"]], target)
+        row[f"epochs_to_{target}"] = first_reaching([(e, a) for e, _, a in row["curve"]], target)
     for kind in ("best", "last"):
         if (run_dir / f"{kind}.safetensors").exists():
             row[f"{kind}_test_accuracy"] = evaluate(run_dir, kind, data_dir)

@@ -32,6 +32,13 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def first_sentence(exc: Exception) -> str:
+    """A library error's reason, short enough for a one-line message: torch's run on with
+    advice for several sentences and lines."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text.split(". ")[0]
+
+
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Call write(tmp_path), fsync it, then rename it over `path` in one step."""
     path = Path(path)
@@ -120,8 +127,7 @@ def load_model_checkpoint(
             header = f.metadata() or {}
         state_dict = {} if metadata_only else load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(f"{path} is not a readable checkpoint ({reason})") from None
+        raise UserError(f"{path} is not a readable checkpoint ({first_sentence(exc)})") from None
     try:
         metadata = json.loads(header[METADATA_KEY])
     except (KeyError, json.JSONDecodeError):
@@ -146,9 +152,7 @@ def load_resume_state(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise UserError(f"no resume state at {path}") from None
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a bad file
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        # torch's reasons run on with advice for several sentences: keep the first.
-        reason = reason.split(". ")[0]
+        reason = first_sentence(exc)
         raise UserError(f"{path} is not a readable resume state ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not an fmnist-accel resume state")

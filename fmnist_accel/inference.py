@@ -23,13 +23,7 @@ def model_from_checkpoint(path: Path) -> tuple[nn.Module, dict]:
         raise UserError(
             f"{path} does not fit the {name} architecture its metadata names ({mismatch})"
         )
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise UserError(
-            f"{path} does not fit the {name} architecture its metadata names ({first})"
-        ) from None
+    model.load_state_dict(state_dict, strict=True)  # names and shapes are checked above
     return model.eval(), meta
 
 

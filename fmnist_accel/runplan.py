@@ -71,8 +71,8 @@ def plan_run(explicit: dict[str, Any]) -> RunPlan:
     plan = RunPlan(run_dir=str(resume_dir), config=resumed, resume_state=state)
     status = rundir.run_status(resume_dir)
     # A completed run goes on only if --epochs now asks for more; the others have ended.
-    if status in ("early-stopped", "diverged") or (
-        status == "completed" and state["epoch"] >= resumed["epochs"]
+    if status in rundir.FINISHED_STATUSES and not (
+        status == "completed" and state["epoch"] < resumed["epochs"]
     ):
         plan.finished = status
     return plan
