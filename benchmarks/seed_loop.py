@@ -8,7 +8,8 @@ Adam(lr=1e-3), `loss.item()` after every step, a validation pass with `.item()` 
 TensorBoard scalars, torch.save of the best state dict, early stopping and
 ReduceLROnPlateau stepped once per epoch. The only change: the model classes are the
 toolkit's (the same layer shapes), so that accuracy differences come from the loop alone;
-the seed's cnn-bn also left its last dropout on in eval mode.
+the seed's cnn-bn also left its last dropout on in eval mode. Their dropout layers are put
+back to torch's nn.Dropout, as the seed had (the toolkit's draws its mask faster on CPUs).
 """
 
 from __future__ import annotations
@@ -76,6 +77,15 @@ def validation(model, model_name, loader, criterion, device):
     return valid_loss, valid_accuracy
 
 
+def with_torch_dropout(model: nn.Module) -> nn.Module:
+    """The model with torch's own nn.Dropout in place of the toolkit's CPU-faster one."""
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.Dropout) and type(child) is not nn.Dropout:
+                setattr(module, name, nn.Dropout(child.p))
+    return model
+
+
 class SeedRun:
     """The seed's train() as a generator of epochs, so the benchmark can time and stop it."""
 
@@ -84,7 +94,7 @@ class SeedRun:
         self.model_name = model_name
         self.device = device
         self.trainloader, self.validloader, self.testloader = seed_loaders(data_dir)
-        self.model = build_model(model_name).to(device)
+        self.model = with_torch_dropout(build_model(model_name)).to(device)
         self.criterion = nn.CrossEntropyLoss()
         self.optimizer = optim.Adam(self.model.parameters(), lr=0.001)
         self.scheduler = optim.lr_scheduler.ReduceLROnPlateau(
