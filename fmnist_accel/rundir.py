@@ -8,6 +8,7 @@
       resume.pt            everything needed to continue the run (--resume)
       summary.json         how the run ended (written when it ends, also when stopped)
       tensorboard/         TensorBoard events
+      .lock                held (flock) by the training process that uses the folder
 
 Only the main process writes here.
 """
@@ -26,6 +27,7 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 RESUME = "resume.pt"
 SUMMARY = "summary.json"
+LOCK = ".lock"
 TENSORBOARD = "tensorboard"
 FINISHED_STATUSES = ("completed", "early-stopped", "diverged")
 
@@ -118,6 +120,51 @@ def check_writable(folder: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise UserError(f"cannot write to {folder}: {exc.strerror or exc}") from None
+
+
+# The open lock files of this process: the kernel releases a flock when its holder exits,
+# however it exits (a kill, a SLURM requeue), so a lock never outlives its run.
+_held_locks: list = []
+
+
+def lock_run_dir(folder: Path) -> None:
+    """Hold folder/.lock until this process exits, or raise UserError if another holds it.
+
+    Two processes training into one folder (a job resumed twice, a requeued job whose first
+    copy still runs) would overwrite each other's checkpoints and delete each other's
+    half-written files. The lock file is opened for appending and never written, so a
+    refused run changes nothing in the folder. On a file system without flock (some
+    network mounts) the run goes on unguarded.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return
+    handle = open(folder / LOCK, "a")  # noqa: SIM115 (held open until the process exits)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise UserError(
+            f"{folder} is in use by another training process (it holds {LOCK} there); wait "
+            "for it to end or stop it, or choose another run"
+        ) from None
+    except OSError:
+        handle.close()
+        return
+    _held_locks.append(handle)
+
+
+def has_run_files(folder: Path) -> bool:
+    """Whether folder holds anything besides a lock file."""
+    return folder.is_dir() and any(p.name != LOCK for p in folder.iterdir())
+
+
+def remove_unused(folder: Path) -> None:
+    """Remove a folder made for a run that failed before writing anything."""
+    if not has_run_files(folder):
+        (folder / LOCK).unlink(missing_ok=True)
+        folder.rmdir()
 
 
 def remove_temp_files(folder: Path) -> None:

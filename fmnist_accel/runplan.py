@@ -33,18 +33,10 @@ def plan_run(explicit: dict[str, Any]) -> RunPlan:
     output_dir = Path(cfg.output_dir)
     resume_dir = find_resume_dir(cfg, output_dir, explicit)
     if resume_dir is None:
-        if cfg.run_name:
-            run_dir = output_dir / cfg.run_name
-            if cfg.resume is None and run_dir.exists() and any(run_dir.iterdir()):
-                raise UserError(
-                    f"{run_dir} already exists: pass --resume auto to continue it, or choose "
-                    "another --run-name"
-                )
-        else:
-            run_dir = rundir.unique_run_dir(output_dir, rundir.default_run_name(cfg.model))
-        rundir.check_writable(run_dir)
-        return RunPlan(run_dir=str(run_dir), config=cfg.to_dict())
+        return RunPlan(run_dir=str(new_run_dir(cfg, output_dir)), config=cfg.to_dict())
 
+    rundir.check_writable(resume_dir)
+    rundir.lock_run_dir(resume_dir)  # before reading the state another process may be writing
     state = load_resume_state(resume_dir / rundir.RESUME)
     saved = state["config"]
     conflicts = conflicting_options(explicit, saved)
@@ -66,7 +58,6 @@ def plan_run(explicit: dict[str, Any]) -> RunPlan:
             f"--epochs cannot change when resuming a run with the {saved['scheduler']} "
             "schedule: its learning rates are fixed by the original length"
         )
-    rundir.check_writable(resume_dir)
     rundir.remove_temp_files(resume_dir)
     plan = RunPlan(run_dir=str(resume_dir), config=resumed, resume_state=state)
     status = rundir.run_status(resume_dir)
@@ -76,6 +67,31 @@ def plan_run(explicit: dict[str, Any]) -> RunPlan:
     ):
         plan.finished = status
     return plan
+
+
+def new_run_dir(cfg: TrainConfig, output_dir: Path) -> Path:
+    """A writable folder for a new run, locked by this process."""
+    if cfg.run_name:
+        run_dir = output_dir / cfg.run_name
+        if cfg.resume is None and rundir.has_run_files(run_dir):
+            raise UserError(
+                f"{run_dir} already exists: pass --resume auto to continue it, or choose "
+                "another --run-name"
+            )
+        rundir.check_writable(run_dir)
+        rundir.lock_run_dir(run_dir)
+        return run_dir
+    # Two runs started in the same second pick the same name; the one that loses the lock
+    # takes the next (unique_run_dir skips the folder the other has created).
+    for _ in range(10):
+        run_dir = rundir.unique_run_dir(output_dir, rundir.default_run_name(cfg.model))
+        rundir.check_writable(run_dir)
+        try:
+            rundir.lock_run_dir(run_dir)
+            return run_dir
+        except UserError:
+            continue
+    raise UserError(f"no free run folder in {output_dir}: pass --run-name")
 
 
 def conflicting_options(explicit: dict[str, Any], saved: dict[str, Any]) -> list[str]:

@@ -276,8 +276,8 @@ def build_session(accelerator, plan: RunPlan, cfg: TrainConfig, reporter: Report
     try:
         full_train, test = load_data(accelerator, cfg)
     except UserError:
-        if accelerator.is_main_process and state is None and not any(run_dir.iterdir()):
-            run_dir.rmdir()  # made only to prove it writable: leave no empty run behind
+        if accelerator.is_main_process and state is None:
+            rundir.remove_unused(run_dir)  # made only to prove it writable: leave no empty run
         raise
     train_split, valid_split = train_valid_split(full_train, cfg.valid_size, cfg.seed)
     stream = TrainStream(

@@ -244,6 +244,23 @@ def test_existing_run_name_is_not_overwritten(ws, cli):
     check_nothing_damaged(ws, before)
 
 
+@pytest.mark.parametrize("how", ["resume-path", "resume-auto"])
+def test_run_in_use_by_another_process(ws, cli, how):
+    """A second process must not train into a run folder that a live one is using; the lock
+    is this test's (another process than the CLI's), taken the way training takes it."""
+    import fcntl
+
+    with open(ws.existing / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        before = ws.snapshot()
+        where = ["--resume", ws.existing]
+        if how == "resume-auto":
+            where = ["--resume", "auto", "--output-dir", ws.runs, "--run-name", "existing"]
+        res = cli("train", "--epochs", "3", "--data-dir", ws.data, *where)
+        assert_one_line_error(res, f"{ws.existing} is in use by another training process")
+        check_nothing_damaged(ws, before)
+
+
 def test_unreadable_picture(ws, cli):
     picture = ws.root / "photo.png"
     picture.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 50)  # a PNG signature, then nothing
