@@ -71,6 +71,12 @@ class TrainConfig:
     momentum: float = option(0.9, "SGD momentum (only with --optimizer sgd).", min=0)
     weight_decay: float = option(0.0, "L2 weight decay.", min=0)
     label_smoothing: float = option(0.0, "Label smoothing of the training loss.", min=0)
+    grad_clip_norm: float = option(
+        0.0,
+        "Scale the gradients down before each optimizer step when their global L2 norm "
+        "exceeds this value (after fp16 unscaling); 0 turns clipping off.",
+        min=0,
+    )
     scheduler: str = option(
         "plateau",
         "plateau: ReduceLROnPlateau on the global validation loss, stepped once per epoch; "

@@ -57,6 +57,7 @@ def train_one_epoch(
     *,
     start: EpochProgress,
     label_smoothing: float = 0.0,
+    grad_clip_norm: float = 0.0,
     step_scheduler=None,
     stop_requested: Callable[[], bool] = lambda: False,
     on_step: Callable[[int], None] = lambda step: None,
@@ -71,6 +72,9 @@ def train_one_epoch(
         x, y = batches(step)
         loss = training_loss(model(x), y, label_smoothing)
         accelerator.backward(loss)
+        if grad_clip_norm:
+            # accelerate unscales fp16 gradients first; the norm stays on the device
+            accelerator.clip_grad_norm_(model.parameters(), grad_clip_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         # fp16: a step skipped for an overflowed loss scale does not advance the schedule
