@@ -122,37 +122,55 @@ def check_writable(folder: Path) -> None:
         raise UserError(f"cannot write to {folder}: {exc.strerror or exc}") from None
 
 
+class RunInUse(UserError):
+    """Another live process holds the run folder's lock."""
+
+
 # The open lock files of this process: the kernel releases a flock when its holder exits,
-# however it exits (a kill, a SLURM requeue), so a lock never outlives its run.
+# however it exits (a kill, a SLURM requeue), so a lock never outlives its run; a run that
+# ends normally releases it itself (release_locks), for callers that go on in-process.
 _held_locks: list = []
 
 
-def lock_run_dir(folder: Path) -> None:
+def lock_run_dir(folder: Path) -> str | None:
     """Hold folder/.lock until this process exits, or raise UserError if another holds it.
 
     Two processes training into one folder (a job resumed twice, a requeued job whose first
     copy still runs) would overwrite each other's checkpoints and delete each other's
     half-written files. The lock file is opened for appending and never written, so a
-    refused run changes nothing in the folder. On a file system without flock (some
-    network mounts) the run goes on unguarded.
+    refused run changes nothing in the folder. Returns a note for the user when this file
+    system refuses flock: the run then goes on unguarded.
     """
     try:
         import fcntl
-    except ImportError:  # Windows
-        return
-    handle = open(folder / LOCK, "a")  # noqa: SIM115 (held open until the process exits)
+    except ImportError:  # Windows: no flock; runs there are not guarded
+        return None
+    try:
+        handle = open(folder / LOCK, "a")  # noqa: SIM115 (held open until the process exits)
+    except OSError as exc:
+        raise UserError(f"cannot open {folder / LOCK}: {exc.strerror or exc}") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise UserError(
+        raise RunInUse(
             f"{folder} is in use by another training process (it holds {LOCK} there); wait "
             "for it to end or stop it, or choose another run"
         ) from None
-    except OSError:
+    except OSError as exc:
         handle.close()
-        return
+        return (
+            f"note: {folder} could not be locked ({exc.strerror or exc}): nothing stops a "
+            "second training process from using it at the same time"
+        )
     _held_locks.append(handle)
+    return None
+
+
+def release_locks() -> None:
+    """Let other processes use the run folders this one has locked (closing drops a flock)."""
+    while _held_locks:
+        _held_locks.pop().close()
 
 
 def has_run_files(folder: Path) -> bool:
@@ -163,8 +181,11 @@ def has_run_files(folder: Path) -> bool:
 def remove_unused(folder: Path) -> None:
     """Remove a folder made for a run that failed before writing anything."""
     if not has_run_files(folder):
-        (folder / LOCK).unlink(missing_ok=True)
-        folder.rmdir()
+        try:
+            (folder / LOCK).unlink(missing_ok=True)
+            folder.rmdir()
+        except OSError:
+            pass  # something appeared meanwhile: leave it; the data error matters more
 
 
 def remove_temp_files(folder: Path) -> None:

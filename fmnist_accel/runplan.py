@@ -25,6 +25,7 @@ class RunPlan:
     resume_state: dict | None = None
     finished: str | None = None  # set when the run to resume has already ended
     error: str | None = None
+    notes: list[str] = field(default_factory=list)  # for the user, printed before training
 
 
 def plan_run(explicit: dict[str, Any]) -> RunPlan:
@@ -33,10 +34,11 @@ def plan_run(explicit: dict[str, Any]) -> RunPlan:
     output_dir = Path(cfg.output_dir)
     resume_dir = find_resume_dir(cfg, output_dir, explicit)
     if resume_dir is None:
-        return RunPlan(run_dir=str(new_run_dir(cfg, output_dir)), config=cfg.to_dict())
+        run_dir, note = new_run_dir(cfg, output_dir)
+        return RunPlan(run_dir=str(run_dir), config=cfg.to_dict(), notes=[note] if note else [])
 
     rundir.check_writable(resume_dir)
-    rundir.lock_run_dir(resume_dir)  # before reading the state another process may be writing
+    note = rundir.lock_run_dir(resume_dir)  # before reading what another process may write
     state = load_resume_state(resume_dir / rundir.RESUME)
     saved = state["config"]
     conflicts = conflicting_options(explicit, saved)
@@ -59,7 +61,9 @@ def plan_run(explicit: dict[str, Any]) -> RunPlan:
             "schedule: its learning rates are fixed by the original length"
         )
     rundir.remove_temp_files(resume_dir)
-    plan = RunPlan(run_dir=str(resume_dir), config=resumed, resume_state=state)
+    plan = RunPlan(
+        run_dir=str(resume_dir), config=resumed, resume_state=state, notes=[note] if note else []
+    )
     status = rundir.run_status(resume_dir)
     # A completed run goes on only if --epochs now asks for more; the others have ended.
     if status in rundir.FINISHED_STATUSES and not (
@@ -69,8 +73,8 @@ def plan_run(explicit: dict[str, Any]) -> RunPlan:
     return plan
 
 
-def new_run_dir(cfg: TrainConfig, output_dir: Path) -> Path:
-    """A writable folder for a new run, locked by this process."""
+def new_run_dir(cfg: TrainConfig, output_dir: Path) -> tuple[Path, str | None]:
+    """A writable folder for a new run, locked by this process; and the lock's note if any."""
     if cfg.run_name:
         run_dir = output_dir / cfg.run_name
         if cfg.resume is None and rundir.has_run_files(run_dir):
@@ -79,17 +83,15 @@ def new_run_dir(cfg: TrainConfig, output_dir: Path) -> Path:
                 "another --run-name"
             )
         rundir.check_writable(run_dir)
-        rundir.lock_run_dir(run_dir)
-        return run_dir
+        return run_dir, rundir.lock_run_dir(run_dir)
     # Two runs started in the same second pick the same name; the one that loses the lock
     # takes the next (unique_run_dir skips the folder the other has created).
     for _ in range(10):
         run_dir = rundir.unique_run_dir(output_dir, rundir.default_run_name(cfg.model))
         rundir.check_writable(run_dir)
         try:
-            rundir.lock_run_dir(run_dir)
-            return run_dir
-        except UserError:
+            return run_dir, rundir.lock_run_dir(run_dir)
+        except rundir.RunInUse:
             continue
     raise UserError(f"no free run folder in {output_dir}: pass --run-name")
 

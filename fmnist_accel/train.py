@@ -563,6 +563,7 @@ def train(explicit: dict[str, Any]) -> int:
     try:
         return run_training(accelerator, explicit)
     finally:
+        rundir.release_locks()  # the run is over, whatever happens to this process next
         # Tear the process group down before exit: gloo's threads otherwise abort at exit.
         accelerator.end_training()
 
@@ -574,6 +575,8 @@ def run_training(accelerator, explicit: dict[str, Any]) -> int:
         reporter.print(f"run {plan.run_dir} already ended ({plan.finished}); nothing to do")
         return EXIT_OK
     resumed = plan.resume_state is not None
+    for note in plan.notes:
+        reporter.print(note)
     cfg = settle_config(accelerator, plan, explicit)
     for name in unused_options(explicit, cfg):
         reporter.print(f"note: --{name.replace('_', '-')} has no effect in this configuration")

@@ -8,6 +8,8 @@ Environment variables choose the faults (all optional):
   FAULT_NAN_STEP=K           ...from its K-th training step on (1-based, counted per process)
   FAULT_KILL_STEP=K          SIGKILL this process at its K-th training step
   FAULT_TERM_STEP=K          SIGTERM this process at its K-th training step (a graceful stop)
+  FAULT_PAUSE_STEP=K         at its K-th training step, create the file FAULT_PAUSE_FILE and
+                             wait (at most 120 s) until the test deletes it
   FAULT_KILL_WRITE=NAME:N    SIGKILL this process during its N-th atomic write of a file named
                              NAME, after half of the new file is on disk and before it
                              replaces the old one
@@ -19,6 +21,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -42,6 +45,7 @@ def install_faults() -> None:
     nan_rank, nan_step = env_int("FAULT_NAN_RANK"), env_int("FAULT_NAN_STEP")
     kill_step = env_int("FAULT_KILL_STEP")
     term_step = env_int("FAULT_TERM_STEP")
+    pause_step = env_int("FAULT_PAUSE_STEP")
     real_loss = engine.training_loss
     steps = 0
 
@@ -52,6 +56,12 @@ def install_faults() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         if term_step is not None and steps == term_step:
             os.kill(os.getpid(), signal.SIGTERM)
+        if pause_step is not None and steps == pause_step:
+            pause = Path(os.environ["FAULT_PAUSE_FILE"])
+            pause.touch()
+            deadline = time.monotonic() + 120
+            while pause.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
         loss = real_loss(logits, labels, label_smoothing)
         if nan_rank == RANK and nan_step is not None and steps >= nan_step:
             loss = loss * torch.tensor(float("nan"))

@@ -244,20 +244,25 @@ def test_existing_run_name_is_not_overwritten(ws, cli):
     check_nothing_damaged(ws, before)
 
 
-@pytest.mark.parametrize("how", ["resume-path", "resume-auto"])
+@pytest.mark.parametrize("how", ["resume-path", "resume-auto", "new-run-resume-auto"])
 def test_run_in_use_by_another_process(ws, cli, how):
     """A second process must not train into a run folder that a live one is using; the lock
-    is this test's (another process than the CLI's), taken the way training takes it."""
+    is this test's (another process than the CLI's), taken the way training takes it
+    (tests/test_run_lock.py shows that a real training process holds it)."""
     import fcntl
 
-    with open(ws.existing / ".lock", "a") as held:
+    folder = ws.existing
+    if how == "new-run-resume-auto":  # a live run still in its first epoch: only .lock yet
+        folder = ws.runs / "starting"
+        folder.mkdir()
+    with open(folder / ".lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         before = ws.snapshot()
-        where = ["--resume", ws.existing]
-        if how == "resume-auto":
-            where = ["--resume", "auto", "--output-dir", ws.runs, "--run-name", "existing"]
+        where = ["--resume", folder]
+        if how != "resume-path":
+            where = ["--resume", "auto", "--output-dir", ws.runs, "--run-name", folder.name]
         res = cli("train", "--epochs", "3", "--data-dir", ws.data, *where)
-        assert_one_line_error(res, f"{ws.existing} is in use by another training process")
+        assert_one_line_error(res, f"{folder} is in use by another training process")
         check_nothing_damaged(ws, before)
 
 

@@ -136,7 +136,7 @@ def test_unknown_model_name():
 @pytest.mark.parametrize("p", [0.2, 0.4, 0.5])
 def test_cpu_dropout_drops_a_fraction_p_and_scales_the_rest(p):
     """The CPU mask (a uniform draw compared with p) is torch's inverted dropout."""
-    from fmnist_accel.models import Dropout
+    from fmnist_accel.models import UniformMaskDropout as Dropout
 
     torch.manual_seed(0)
     x = torch.rand(64, 32, 14, 14) + 1.0  # no zeros of its own
@@ -148,7 +148,7 @@ def test_cpu_dropout_drops_a_fraction_p_and_scales_the_rest(p):
 
 
 def test_cpu_dropout_keeps_dtype_and_memory_format_and_follows_the_seed():
-    from fmnist_accel.models import Dropout
+    from fmnist_accel.models import UniformMaskDropout as Dropout
 
     x = torch.randn(16, 8, 7, 7).contiguous(memory_format=torch.channels_last)
     outputs = []
@@ -161,10 +161,25 @@ def test_cpu_dropout_keeps_dtype_and_memory_format_and_follows_the_seed():
 
 
 def test_cpu_dropout_gradient_is_the_same_mask():
-    from fmnist_accel.models import Dropout
+    from fmnist_accel.models import UniformMaskDropout as Dropout
 
     torch.manual_seed(1)
     x = torch.randn(4, 100, requires_grad=True)
     y = Dropout(0.5).train()(x)
     y.sum().backward()
     assert torch.equal(x.grad, (y != 0).float() * 2)
+
+
+def test_cpu_dropout_draws_a_uniform_mask_not_torchs_bernoulli():
+    """The speed comes from the uniform draw: the same seed gives exactly x * (u >= p) / (1-p)."""
+    from fmnist_accel.models import UniformMaskDropout
+
+    x = torch.randn(32, 16, 14, 14)
+    torch.manual_seed(5)
+    got = UniformMaskDropout(0.2).train()(x)
+    torch.manual_seed(5)
+    expected = x * (torch.rand_like(x) >= 0.2).float() * (1 / 0.8)
+    assert torch.equal(got, expected)
+    models = [build_model(name) for name in ("cnn", "cnn-bn")]
+    droppers = [m for model in models for m in model.modules() if isinstance(m, nn.Dropout)]
+    assert len(droppers) == 3 and all(type(m) is UniformMaskDropout for m in droppers)
