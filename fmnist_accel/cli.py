@@ -139,16 +139,25 @@ data_dir_option = click.option(
     show_default=True,
     help="Test-time augmentation: average the logits of each image and its mirror.",
 )
+@click.option(
+    "--split",
+    type=click.Choice(["test", "valid"]),
+    default="test",
+    show_default=True,
+    help="valid: the run's own validation images (its seeded split, rebuilt), to check the "
+    "figures it logged.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
-def eval_command(checkpoint, run_dir, output_dir, data_dir, batch_size, tta, as_json):
-    """Test loss, accuracy, per-class accuracy and confusion matrix of a checkpoint.
+def eval_command(checkpoint, run_dir, output_dir, data_dir, batch_size, tta, split, as_json):
+    """Test (or validation) loss, accuracy, per-class accuracy and confusion matrix of a
+    checkpoint.
 
     Runs on one process, or on several with `accelerate launch -m fmnist_accel eval ...`:
     the figures are the same.
     """
     from .evaluate import run_eval
 
-    return run_eval(checkpoint, run_dir, output_dir, data_dir, batch_size, tta, as_json)
+    return run_eval(checkpoint, run_dir, output_dir, data_dir, batch_size, tta, split, as_json)
 
 
 @cli.command("predict")

@@ -1,4 +1,5 @@
-"""`fmnist-accel eval`: test-set metrics of one checkpoint, on one or several processes."""
+"""`fmnist-accel eval`: test-set (or validation-set) metrics of one checkpoint, on one or
+several processes."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from .data import CLASS_NAMES, load_split
+from .data import CLASS_NAMES, Split, load_split, train_valid_split
 from .device_data import EvalSet
 from .engine import EvalResult, evaluate
+from .errors import UserError
 from .hardware import make_accelerator
 from .inference import data_dir_for, model_from_checkpoint
 from .rundir import resolve_checkpoint
@@ -23,25 +25,45 @@ def run_eval(
     data_dir: str | None,
     batch_size: int,
     tta: bool,
+    split: str,
     as_json: bool,
 ) -> int:
     path = resolve_checkpoint(checkpoint, run_dir, output_dir)
     model, meta = model_from_checkpoint(path)
+    config = meta.get("config", {})
+    if split == "valid" and not config.get("valid_size"):
+        raise UserError(
+            f"{path} was trained with --valid-size 0 (on all training images): it has no "
+            "validation split; evaluate the test split"
+        )
     accelerator = make_accelerator()
     try:
+        images = eval_split(data_dir_for(meta, data_dir), split, config)
         return evaluate_and_report(
-            accelerator, path, model, meta, data_dir, batch_size, tta, as_json
+            accelerator, path, model, meta, images, split, batch_size, tta, as_json
         )
     finally:
         # Tear the process group down before exit: gloo's threads otherwise abort at exit.
         accelerator.end_training()
 
 
-def evaluate_and_report(accelerator, path, model, meta, data_dir, batch_size, tta, as_json) -> int:
-    test = load_split(data_dir_for(meta, data_dir), "test")
+def eval_split(data_dir: str, split: str, config: dict) -> Split:
+    """The test split, or the validation images of the run that `config` describes: the
+    same seeded permutation of the training file that the run drew them from."""
+    if split == "test":
+        return load_split(data_dir, "test")
+    _, valid = train_valid_split(
+        load_split(data_dir, "train"), config["valid_size"], config["seed"]
+    )
+    return valid
+
+
+def evaluate_and_report(
+    accelerator, path, model, meta, images: Split, split, batch_size, tta, as_json
+) -> int:
     channels_last = True  # faster convolutions on GPUs and on oneDNN CPUs alike
-    test_set = EvalSet(
-        test,
+    eval_set = EvalSet(
+        images,
         accelerator.device,
         accelerator.num_processes,
         accelerator.process_index,
@@ -50,9 +72,9 @@ def evaluate_and_report(accelerator, path, model, meta, data_dir, batch_size, tt
     model = model.to(accelerator.device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    result = evaluate(model, test_set, accelerator, batch_size, tta=tta)
+    result = evaluate(model, eval_set, accelerator, batch_size, tta=tta)
     if accelerator.is_main_process:
-        report = eval_report(result, str(path), meta, tta, accelerator.num_processes)
+        report = eval_report(result, str(path), meta, tta, accelerator.num_processes, split)
         if as_json:
             print(json.dumps(report))
         else:
@@ -60,11 +82,14 @@ def evaluate_and_report(accelerator, path, model, meta, data_dir, batch_size, tt
     return 0
 
 
-def eval_report(result: EvalResult, path: str, meta: dict, tta: bool, processes: int) -> dict:
+def eval_report(
+    result: EvalResult, path: str, meta: dict, tta: bool, processes: int, split: str
+) -> dict:
     return {
         "checkpoint": path,
         "model": meta.get("model"),
         "epoch": meta.get("epoch"),
+        "split": split,
         "accuracy": result.accuracy,
         "loss": result.loss,
         "num_samples": result.num_samples,
@@ -87,7 +112,7 @@ def print_tables(report: dict) -> None:
         markup=False,
     )
     console.print(
-        f"test loss {report['loss']:.4f}  accuracy {report['accuracy']:.4f}  "
+        f"{report['split']} loss {report['loss']:.4f}  accuracy {report['accuracy']:.4f}  "
         f"({report['num_samples']:,} images)",
         soft_wrap=True,
     )

@@ -266,6 +266,20 @@ def test_run_in_use_by_another_process(ws, cli, how):
         check_nothing_damaged(ws, before)
 
 
+def test_validation_split_of_a_run_without_one(ws, cli):
+    """A run trained with --valid-size 0 has no validation images to evaluate."""
+    res = cli("train", *TRAIN_FAST, "--valid-size", "0", "--scheduler", "none",
+              "--no-early-stopping", "--data-dir", ws.data, "--output-dir", ws.runs,
+              "--run-name", "all-images")  # fmt: skip
+    assert res.rc == 0, str(res)
+    before = ws.snapshot()
+    res = cli("eval", "last", "--run-dir", ws.runs / "all-images", "--split", "valid")
+    assert_one_line_error(
+        res, f"{ws.runs / 'all-images' / 'last.safetensors'} was trained with --valid-size 0"
+    )
+    check_nothing_damaged(ws, before)
+
+
 def test_unreadable_picture(ws, cli):
     picture = ws.root / "photo.png"
     picture.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 50)  # a PNG signature, then nothing
