@@ -38,8 +38,12 @@ def test_a_training_process_holds_its_run_folder_until_it_exits(readonly_data, t
             time.sleep(0.05)
         assert pause.exists(), "the first run never reached its pause"
         assert not lock_is_free(runs / "live")
+        # Still in its first epoch: no resume.pt yet, so nothing else would stop a second run.
+        assert not (runs / "live" / "resume.pt").exists()
         second = run_command([CLI, "train", *args], cwd=tmp_path)
         assert_one_line_error(second, f"{runs / 'live'} is in use by another training process")
+        by_path = run_command([CLI, "train", "--resume", runs / "live"], cwd=tmp_path)
+        assert_one_line_error(by_path, f"{runs / 'live'} is in use by another training process")
     finally:
         pause.unlink(missing_ok=True)
         stdout, stderr = first.communicate(timeout=120)
