@@ -131,7 +131,7 @@ data_dir_option = click.option(
     type=click.IntRange(min=1),
     default=1024,
     show_default=True,
-    help="Test images per process per forward pass.",
+    help="Images per process per forward pass.",
 )
 @click.option(
     "--tta/--no-tta",

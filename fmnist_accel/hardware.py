@@ -61,7 +61,8 @@ def keep_large_allocations_in_heap() -> int:
     the faster dropout mask, cnn-bn's default fp32 run went from 1.4x to 2.2x the seed loop's
     images/s on the 2-core machine (benchmarks/RESULTS.md). The process keeps its peak memory
     until it exits. Skipped where the user already tunes malloc (MALLOC_MMAP_THRESHOLD_,
-    MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES) or preloads another allocator, and off glibc.
+    MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES), where anything is preloaded (LD_PRELOAD: often
+    jemalloc or tcmalloc), and off glibc.
     Returns the mmap threshold set, in bytes: 0 where nothing was changed.
     """
     tuned = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD")

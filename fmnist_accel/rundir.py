@@ -133,30 +133,28 @@ _held_locks: list = []
 
 
 def lock_run_dir(folder: Path) -> str | None:
-    """Hold folder/.lock until this process exits, or raise UserError if another holds it.
+    """Hold folder/.lock until the run ends (release_locks) or this process exits, or raise
+    RunInUse if another process holds it.
 
     Two processes training into one folder (a job resumed twice, a requeued job whose first
     copy still runs) would overwrite each other's checkpoints and delete each other's
     half-written files. The lock file is opened for appending and never written, so a
-    refused run changes nothing in the folder. Returns a note for the user when this file
-    system refuses flock: the run then goes on unguarded.
+    refused run changes none of the folder's files. Returns a note for the user when this
+    file system refuses flock: the run then goes on unguarded.
     """
     try:
         import fcntl
     except ImportError:  # Windows: no flock; runs there are not guarded
         return None
     try:
-        handle = open(folder / LOCK, "a")  # noqa: SIM115 (held open until the process exits)
+        handle = open(folder / LOCK, "a")  # noqa: SIM115 (held open until the run ends)
     except OSError as exc:
         raise UserError(f"cannot open {folder / LOCK}: {exc.strerror or exc}") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise RunInUse(
-            f"{folder} is in use by another training process (it holds {LOCK} there); wait "
-            "for it to end or stop it, or choose another run"
-        ) from None
+        raise run_in_use(folder) from None
     except OSError as exc:
         handle.close()
         return (
@@ -165,6 +163,29 @@ def lock_run_dir(folder: Path) -> str | None:
         )
     _held_locks.append(handle)
     return None
+
+
+def raise_if_in_use(folder: Path) -> None:
+    """Raise RunInUse if a live process holds folder/.lock; take nothing, change nothing.
+
+    A shared lock on a read-only handle: it conflicts with the training process's exclusive
+    one, needs no write access, and is dropped when the handle closes."""
+    try:
+        import fcntl
+
+        with open(folder / LOCK, "rb") as handle:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise run_in_use(folder) from None
+    except (ImportError, OSError):
+        pass  # no lock file, no flock here: nothing says the run is live
+
+
+def run_in_use(folder: Path) -> RunInUse:
+    return RunInUse(
+        f"{folder} is in use by another training process (it holds {LOCK} there); wait for "
+        "it to end or stop it, or choose another run"
+    )
 
 
 def release_locks() -> None:

@@ -114,8 +114,7 @@ def find_resume_dir(cfg: TrainConfig, output_dir: Path, explicit: dict[str, Any]
         if path.name == rundir.RESUME:
             path = path.parent
         if not (path / rundir.RESUME).is_file():
-            if (path / rundir.LOCK).is_file():
-                rundir.lock_run_dir(path)  # a live run in its first epoch: say so instead
+            rundir.raise_if_in_use(path)  # a live run in its first epoch: say so instead
             raise UserError(f"--resume {cfg.resume}: no {rundir.RESUME} there to resume from")
         return path
     if cfg.run_name:

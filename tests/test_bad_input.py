@@ -244,7 +244,9 @@ def test_existing_run_name_is_not_overwritten(ws, cli):
     check_nothing_damaged(ws, before)
 
 
-@pytest.mark.parametrize("how", ["resume-path", "resume-auto", "new-run-resume-auto"])
+@pytest.mark.parametrize(
+    "how", ["resume-path", "resume-auto", "first-epoch-resume-path", "first-epoch-resume-auto"]
+)
 def test_run_in_use_by_another_process(ws, cli, how):
     """A second process must not train into a run folder that a live one is using; the lock
     is this test's (another process than the CLI's), taken the way training takes it
@@ -252,14 +254,14 @@ def test_run_in_use_by_another_process(ws, cli, how):
     import fcntl
 
     folder = ws.existing
-    if how == "new-run-resume-auto":  # a live run still in its first epoch: only .lock yet
+    if how.startswith("first-epoch"):  # a live run still in its first epoch: only .lock yet
         folder = ws.runs / "starting"
         folder.mkdir()
     with open(folder / ".lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         before = ws.snapshot()
         where = ["--resume", folder]
-        if how != "resume-path":
+        if how.endswith("resume-auto"):
             where = ["--resume", "auto", "--output-dir", ws.runs, "--run-name", folder.name]
         res = cli("train", "--epochs", "3", "--data-dir", ws.data, *where)
         assert_one_line_error(res, f"{folder} is in use by another training process")

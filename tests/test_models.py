@@ -136,36 +136,36 @@ def test_unknown_model_name():
 @pytest.mark.parametrize("p", [0.2, 0.4, 0.5])
 def test_cpu_dropout_drops_a_fraction_p_and_scales_the_rest(p):
     """The CPU mask (a uniform draw compared with p) is torch's inverted dropout."""
-    from fmnist_accel.models import UniformMaskDropout as Dropout
+    from fmnist_accel.models import UniformMaskDropout
 
     torch.manual_seed(0)
     x = torch.rand(64, 32, 14, 14) + 1.0  # no zeros of its own
-    y = Dropout(p).train()(x)
+    y = UniformMaskDropout(p).train()(x)
     kept = y != 0
     assert abs(1 - kept.float().mean().item() - p) < 0.01  # 401k draws: sd about 0.0008
     assert torch.allclose(y[kept], x[kept] / (1 - p))
-    assert torch.equal(Dropout(p).eval()(x), x)
+    assert torch.equal(UniformMaskDropout(p).eval()(x), x)
 
 
 def test_cpu_dropout_keeps_dtype_and_memory_format_and_follows_the_seed():
-    from fmnist_accel.models import UniformMaskDropout as Dropout
+    from fmnist_accel.models import UniformMaskDropout
 
     x = torch.randn(16, 8, 7, 7).contiguous(memory_format=torch.channels_last)
     outputs = []
     for _ in range(2):
         torch.manual_seed(3)
-        outputs.append(Dropout(0.4).train()(x.bfloat16()))
+        outputs.append(UniformMaskDropout(0.4).train()(x.bfloat16()))
     assert outputs[0].dtype == torch.bfloat16
     assert outputs[0].is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(outputs[0], outputs[1])
 
 
 def test_cpu_dropout_gradient_is_the_same_mask():
-    from fmnist_accel.models import UniformMaskDropout as Dropout
+    from fmnist_accel.models import UniformMaskDropout
 
     torch.manual_seed(1)
     x = torch.randn(4, 100, requires_grad=True)
-    y = Dropout(0.5).train()(x)
+    y = UniformMaskDropout(0.5).train()(x)
     y.sum().backward()
     assert torch.equal(x.grad, (y != 0).float() * 2)
 

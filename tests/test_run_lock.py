@@ -46,7 +46,11 @@ def test_a_training_process_holds_its_run_folder_until_it_exits(readonly_data, t
         assert_one_line_error(by_path, f"{runs / 'live'} is in use by another training process")
     finally:
         pause.unlink(missing_ok=True)
-        stdout, stderr = first.communicate(timeout=120)
+        try:
+            stdout, stderr = first.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            first.kill()
+            stdout, stderr = first.communicate()
     assert first.returncode == 0, why(subprocess.CompletedProcess([], 0, stdout, stderr))
     assert lock_is_free(runs / "live")  # released at exit
     assert "done: completed" in stdout
