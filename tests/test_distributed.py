@@ -108,6 +108,16 @@ def test_eval_identical_on_1_2_3_processes(trained_run, batch_size):
         assert abs(r["loss"] - results[0]["loss"]) < 1e-6
 
 
+def test_eval_of_the_validation_split_identical_on_1_and_3_processes(trained_run):
+    """--split valid: every rank rebuilds the same seeded split and takes its own shard."""
+    args = ["last", "--run-dir", str(trained_run), "--split", "valid", "--batch-size", "64"]
+    one, three = (evaluate_json(n, args) for n in (1, 3))
+    assert one["split"] == three["split"] == "valid"
+    assert one["num_samples"] == three["num_samples"] > 0
+    assert one["confusion_matrix"] == three["confusion_matrix"]
+    assert abs(one["loss"] - three["loss"]) < 1e-6
+
+
 def plateau_args(data_dir, out, name, *extra: str) -> list[str]:
     """A validation loss that plateaus from epoch 1 on: plain SGD with an lr so small (1e-6)
     that no later epoch improves it by ReduceLROnPlateau's relative threshold of 1e-4 (yet
