@@ -49,6 +49,13 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 HEAP_THRESHOLD = 1 << 30  # 1 GiB: above any activation of these models at batch 2048
 OLD_GLIBC_MMAP_LIMIT = 32 << 20  # older glibc refuses mmap thresholds above HEAP_MAX_SIZE/2
+# Where any of these is set, the user has chosen the allocator's settings (or the allocator).
+USER_MALLOC_SETTINGS = (
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "GLIBC_TUNABLES",
+    "LD_PRELOAD",
+)
 
 
 def keep_large_allocations_in_heap() -> int:
@@ -65,8 +72,8 @@ def keep_large_allocations_in_heap() -> int:
     jemalloc or tcmalloc), and off glibc.
     Returns the mmap threshold set, in bytes: 0 where nothing was changed.
     """
-    tuned = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD")
-    if any(os.environ.get(name) for name in tuned) or platform.libc_ver()[0] != "glibc":
+    user_set = any(os.environ.get(name) for name in USER_MALLOC_SETTINGS)
+    if user_set or platform.libc_ver()[0] != "glibc":
         return 0
     try:
         libc = ctypes.CDLL("libc.so.6")

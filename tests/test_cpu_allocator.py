@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from fmnist_accel.hardware import USER_MALLOC_SETTINGS
+
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
 
 # Allocates and frees a 64 MiB tensor (above glibc's largest default mmap threshold) ten
@@ -29,13 +31,8 @@ print("FAULTS", resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-# What keep_large_allocations_in_heap leaves alone; the test process may have any of them.
-USER_MALLOC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES",
-                        "LD_PRELOAD")  # fmt: skip
-
-
 def page_faults(mode: str, env: dict | None = None) -> tuple[str, int]:
-    if env is None:
+    if env is None:  # the test process may have any of these: the child must not
         env = {k: v for k, v in os.environ.items() if k not in USER_MALLOC_SETTINGS}
     proc = subprocess.run(
         [sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, env=env, check=True
