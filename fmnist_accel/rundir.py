@@ -132,9 +132,10 @@ class RunInUse(UserError):
 _held_locks: list = []
 
 
-def lock_run_dir(folder: Path) -> str | None:
-    """Hold folder/.lock until the run ends (release_locks) or this process exits, or raise
-    RunInUse if another process holds it.
+def claim_run_dir(folder: Path) -> str | None:
+    """Create folder, prove it writable (check_writable), then hold folder/.lock until the
+    run ends (release_locks) or this process exits; raise RunInUse if another process
+    holds it.
 
     Two processes training into one folder (a job resumed twice, a requeued job whose first
     copy still runs) would overwrite each other's checkpoints and delete each other's
@@ -142,6 +143,7 @@ def lock_run_dir(folder: Path) -> str | None:
     refused run changes none of the folder's files. Returns a note for the user when this
     file system refuses flock: the run then goes on unguarded.
     """
+    check_writable(folder)
     try:
         import fcntl
     except ImportError:  # Windows: no flock; runs there are not guarded

@@ -37,8 +37,7 @@ def plan_run(explicit: dict[str, Any]) -> RunPlan:
         run_dir, note = new_run_dir(cfg, output_dir)
         return RunPlan(run_dir=str(run_dir), config=cfg.to_dict(), notes=[note] if note else [])
 
-    rundir.check_writable(resume_dir)
-    note = rundir.lock_run_dir(resume_dir)  # before reading what another process may write
+    note = rundir.claim_run_dir(resume_dir)  # before reading what another process may write
     state = load_resume_state(resume_dir / rundir.RESUME)
     saved = state["config"]
     conflicts = conflicting_options(explicit, saved)
@@ -82,15 +81,13 @@ def new_run_dir(cfg: TrainConfig, output_dir: Path) -> tuple[Path, str | None]:
                 f"{run_dir} already exists: pass --resume auto to continue it, or choose "
                 "another --run-name"
             )
-        rundir.check_writable(run_dir)
-        return run_dir, rundir.lock_run_dir(run_dir)
+        return run_dir, rundir.claim_run_dir(run_dir)
     # Two runs started in the same second pick the same name; the one that loses the lock
     # takes the next (unique_run_dir skips the folder the other has created).
     for _ in range(10):
         run_dir = rundir.unique_run_dir(output_dir, rundir.default_run_name(cfg.model))
-        rundir.check_writable(run_dir)
         try:
-            return run_dir, rundir.lock_run_dir(run_dir)
+            return run_dir, rundir.claim_run_dir(run_dir)
         except rundir.RunInUse:
             continue
     raise UserError(f"no free run folder in {output_dir}: pass --run-name")

@@ -59,9 +59,9 @@ def test_a_training_process_holds_its_run_folder_until_it_exits(readonly_data, t
 def test_release_locks_frees_the_folder_for_the_next_run_in_this_process(tmp_path):
     from fmnist_accel import rundir
 
-    assert rundir.lock_run_dir(tmp_path) is None
+    assert rundir.claim_run_dir(tmp_path) is None
     assert not lock_is_free(tmp_path)  # a second open file of this very process is refused
     with pytest.raises(rundir.RunInUse, match="in use by another training process"):
-        rundir.lock_run_dir(tmp_path)
+        rundir.claim_run_dir(tmp_path)
     rundir.release_locks()
     assert lock_is_free(tmp_path)
