@@ -4,11 +4,7 @@
 # throughput at batch 4096 compiled, and a larger-batch candidate for the default recipe.
 #
 #   DATA=path/to/data OUT=benchmarks/out bash benchmarks/gpu_followup.sh
-set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-DATA=${DATA:-data}
-OUT=${OUT:-benchmarks/out}
+source "$(dirname "$0")/gpu_env.sh"
 RUNS=$(mktemp -d)
 train() { python -m fmnist_accel.train --data-dir "$DATA" --output-dir "$RUNS" "$@"; }
 keep() { cp "$RUNS/$1/metrics.jsonl" "$OUT/$1.metrics.jsonl"; cp "$RUNS/$1/summary.json" "$OUT/$1.summary.json"; }

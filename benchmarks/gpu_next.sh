@@ -7,36 +7,28 @@
 #      epoch (issue 5: a full default run to 0.93 in under 15 s after start-up).
 #
 #   DATA=path/to/data OUT=benchmarks/out bash benchmarks/gpu_next.sh
-set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-DATA=${DATA:-data}
-OUT=${OUT:-benchmarks/out}
-mkdir -p "$OUT"
-RUNS=$(mktemp -d)
+source "$(dirname "$0")/gpu_env.sh"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 
 echo "=== 1. high-accuracy recipe ($(date +%T))"
 python benchmarks/recipes.py --data-dir "$DATA" --set high-accuracy --mixed-precision bf16 \
     --out "$OUT" | tail -8
 
-for variant in eager compile; do
-    echo "=== 2. default cnn-bn run, bf16, $variant ($(date +%T))"
-    extra=()
-    [ "$variant" = compile ] && extra=(--compile)
-    SECONDS=0
-    python -m fmnist_accel.train --data-dir "$DATA" --output-dir "$RUNS" --run-name "$variant" \
-        --mixed-precision bf16 --test-every-epoch "${extra[@]}" | grep -E "start-up|done|stopp"
-    echo "wall ${SECONDS} s"
-    cp "$RUNS/$variant/metrics.jsonl" "$OUT/default-$variant.metrics.jsonl"
-    python - "$OUT/default-$variant.metrics.jsonl" <<'PY'
-import json, sys
-records = [json.loads(line) for line in open(sys.argv[1])]
-first = next((r for r in records if r["test_accuracy"] >= 0.93), None)
-best = max(records, key=lambda r: r["valid_accuracy"])
-reached = f"at {first['elapsed']:.1f} s (epoch {first['epoch']})" if first else "never"
-print(f"epochs {len(records)}, training {records[-1]['elapsed']:.1f} s, 0.93 first {reached}, "
-      f"best checkpoint (epoch {best['epoch']}) test {best['test_accuracy']:.4f}")
+echo "=== 2. default cnn-bn run, bf16, eager and compiled ($(date +%T))"
+python - "$DATA" "$OUT" <<'PY'
+import json, sys, tempfile
+from pathlib import Path
+
+sys.path.insert(0, "benchmarks")
+from benchmark import toolkit_time_to_accuracy  # the --accuracy run of benchmark.py
+
+data, out = sys.argv[1], Path(sys.argv[2])
+for name, extra in [("eager", []), ("compile", ["--compile"])]:
+    with tempfile.TemporaryDirectory() as tmp:
+        result = toolkit_time_to_accuracy(data, Path(tmp), ["--mixed-precision", "bf16", *extra])
+    (out / f"default-{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    shown = ("epochs", "startup_seconds", "training_seconds", "seconds_to_0.93",
+             "best_checkpoint_test_accuracy", "wall_seconds")
+    print(name, {key: result[key] for key in shown}, flush=True)
 PY
-done
 echo "=== done ($(date +%T))"

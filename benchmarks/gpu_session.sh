@@ -6,12 +6,7 @@
 #
 # Needs torch with CUDA, accelerate, tensorboard, rich, click, safetensors (the package itself
 # is taken from this checkout through PYTHONPATH: nothing is installed).
-set -uo pipefail
-cd "$(dirname "$0")/.."
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-DATA=${DATA:-data}
-OUT=${OUT:-benchmarks/out}
-mkdir -p "$OUT"
+source "$(dirname "$0")/gpu_env.sh"
 # Only JSON is kept under OUT (the tables are made again from it): at most 8 files come back.
 step() { rm -f "$OUT"/*.md; echo; echo "=== $* ($(date +%T))"; }
 
