@@ -14,8 +14,8 @@ from .device_data import EvalSet
 from .engine import EvalResult, evaluate
 from .errors import UserError
 from .hardware import make_accelerator
-from .inference import data_dir_for, model_from_checkpoint
 from .rundir import resolve_checkpoint
+from .trained_model import data_dir_for, model_from_checkpoint
 
 
 def run_eval(

@@ -10,8 +10,8 @@ import torch
 from .data import CLASS_NAMES, load_split
 from .device_data import normalise
 from .errors import UserError
-from .inference import data_dir_for, model_from_checkpoint
 from .rundir import resolve_checkpoint
+from .trained_model import data_dir_for, model_from_checkpoint
 
 
 def read_picture(path: str, invert: bool) -> torch.Tensor:

@@ -27,7 +27,6 @@ import torch
 from torch import nn
 
 from . import rundir
-from .averaging import WeightEMA
 from .checkpoint import (
     atomic_copy,
     atomic_write_text,
@@ -42,8 +41,10 @@ from .config import (
     resolve_config,
     unused_options,
 )
+from .console import Reporter, seconds_since_process_start
 from .data import load_split, train_valid_split
 from .device_data import EvalSet, TrainStream
+from .ema import WeightEMA
 from .engine import (
     STOP_NONFINITE,
     STOP_SIGNAL,
@@ -59,8 +60,7 @@ from .errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, TrainingDiverged, Us
 from .hardware import describe, make_accelerator, thread_note
 from .models import build_model, count_parameters
 from .preemption import StopRequest
-from .report import Reporter, seconds_since_process_start
-from .runplan import RunPlan, share_plan
+from .resume_policy import RunPlan, share_plan
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from fmnist_accel.checkpoint import METADATA_KEY, load_model_checkpoint, load_resume_state
 from fmnist_accel.data import raw_dir
 from fmnist_accel.errors import EXIT_DIVERGED, EXIT_USER_ERROR
-from fmnist_accel.inference import model_from_checkpoint
+from fmnist_accel.trained_model import model_from_checkpoint
 
 TRAIN_FAST = ("--model", "mlp", "--epochs", "1", "--batch-size", "64")
 

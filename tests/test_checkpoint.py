@@ -23,8 +23,8 @@ from fmnist_accel.checkpoint import (
     save_resume_state,
 )
 from fmnist_accel.errors import UserError
-from fmnist_accel.inference import model_from_checkpoint
 from fmnist_accel.models import build_model
+from fmnist_accel.trained_model import model_from_checkpoint
 
 
 def tmp_leftovers(folder: Path) -> list[str]:

@@ -16,7 +16,7 @@ from fmnist_accel.checkpoint import load_model_checkpoint
 from fmnist_accel.config import TrainConfig
 from fmnist_accel.data import CLASS_NAMES
 from fmnist_accel.device_data import normalise
-from fmnist_accel.inference import model_from_checkpoint
+from fmnist_accel.trained_model import model_from_checkpoint
 
 EPOCH_KEYS = ("train_loss", "valid_loss", "valid_accuracy", "lr", "epoch_time", "images_per_sec")
 
