@@ -3,7 +3,7 @@
 - best.safetensors / last.safetensors: model weights in safetensors, with the JSON metadata
   that rebuilds the model (model name, config, epoch, metrics) stored in the same file's
   header, so weights and metadata can never disagree.
-- resume.pt: the whole training state (see train.py), a plain dict of tensors and numbers
+- resume.pt: the whole training state (see outputs.py), a plain dict of tensors and numbers
   read back with torch.load(weights_only=True), which refuses arbitrary pickled objects.
 
 Every write goes to a temporary file in the same folder, is flushed to disk, and then

@@ -18,11 +18,13 @@ class WeightEMA:
     """
 
     def __init__(self, model: nn.Module, decay: float):
+        # The module the optimizer trains, not a DDP or torch.compile wrapper of it: those
+        # wrap this same object, so its tensors are the ones each step changes.
+        self.source = model
         self.module = copy.deepcopy(model)
         for p in self.module.parameters():
             p.requires_grad_(False)
         self.decay = decay
-        self.updates = 0
 
     @staticmethod
     def _tensors(model: nn.Module) -> tuple[list, list, list]:
@@ -34,18 +36,17 @@ class WeightEMA:
         )
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        mine, theirs = self._tensors(self.module), self._tensors(model)
+    def update(self) -> None:
+        """One step of the average towards the source's current weights."""
+        mine, theirs = self._tensors(self.module), self._tensors(self.source)
         for ours, source in zip(mine[:2], theirs[:2], strict=True):
             if ours:
                 torch._foreach_lerp_(ours, [t.detach() for t in source], 1.0 - self.decay)
         for ours, source in zip(mine[2], theirs[2], strict=True):
             ours.copy_(source)
-        self.updates += 1
 
     def state_dict(self) -> dict:
-        return {"module": self.module.state_dict(), "updates": self.updates}
+        return {"module": self.module.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["module"])
-        self.updates = int(state["updates"])

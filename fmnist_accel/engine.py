@@ -1,13 +1,14 @@
-"""One training epoch, exact evaluation, early stopping.
+"""One training epoch and exact evaluation: every collective of the step loop and of
+validation is here (the gradient all-reduce is DDP's, inside backward).
 
 Nothing here reads a value back to the host inside the step loop except the periodic
-`check` (every CHECK_EVERY steps), which is also where all ranks agree to stop: a signal
-or a non-finite loss on any one rank stops every rank at the same step.
+`check_stop` (every CHECK_EVERY steps), which is also where all ranks agree to stop: a signal
+or a non-finite loss on any one rank stops every rank at the same step. After the epoch,
+`global_train_loss`, `average_buffers` and `evaluate` each add up what every rank holds.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import NUM_CLASSES
+from .ema import WeightEMA
 
 # Steps between two cross-rank checks for stop requests and non-finite losses: each check
 # is one tiny all-reduce and one host synchronisation.
@@ -59,10 +61,12 @@ def train_one_epoch(
     label_smoothing: float = 0.0,
     grad_clip_norm: float = 0.0,
     step_scheduler=None,
+    ema: WeightEMA | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
     on_step: Callable[[int], None] = lambda step: None,
 ) -> EpochResult:
-    """Run steps start.step .. steps-1 of one epoch; stop early if any rank asks to."""
+    """Run steps start.step .. steps-1 of one epoch; stop early if any rank asks to.
+    on_step(steps done) is for reporting progress; it changes nothing that is trained."""
     model.train()
     device = accelerator.device
     loss_sum = torch.tensor(start.loss_sum, device=device, dtype=torch.float64)
@@ -80,6 +84,8 @@ def train_one_epoch(
         # fp16: a step skipped for an overflowed loss scale does not advance the schedule
         if step_scheduler is not None and not accelerator.optimizer_step_was_skipped:
             step_scheduler.step()
+        if ema is not None:
+            ema.update()  # the average follows every optimizer step
         loss_sum.add_(loss.detach(), alpha=len(y))  # one kernel; summed in float64
         count += len(y)
         step += 1
@@ -95,13 +101,15 @@ def train_one_epoch(
 
 
 def check_stop(
-    accelerator, signalled: bool, loss_sum: torch.Tensor
+    accelerator, signalled: bool, loss_sum: torch.Tensor | None = None
 ) -> tuple[str | None, list[int]]:
-    """Collective: every rank must call it at the same step. Returns (reason, bad ranks)."""
+    """Collective: every rank must call it at the same step. Returns (reason, bad ranks).
+    loss_sum None: only stop requests are checked (between epochs, no loss is running)."""
     world = accelerator.num_processes
     flags = torch.zeros(2 * world, device=accelerator.device)
     flags[accelerator.process_index] = float(signalled)
-    flags[world + accelerator.process_index] = float(not torch.isfinite(loss_sum))
+    if loss_sum is not None:
+        flags[world + accelerator.process_index] = float(not torch.isfinite(loss_sum))
     flags = accelerator.reduce(flags, "sum").tolist()
     nonfinite = [r for r in range(world) if flags[world + r]]
     if nonfinite:
@@ -109,6 +117,13 @@ def check_stop(
     if any(flags[:world]):
         return STOP_SIGNAL, []
     return None, []
+
+
+def global_train_loss(progress: EpochProgress, accelerator) -> float:
+    """Collective: the epoch's mean training loss over the samples of every rank."""
+    totals = torch.tensor([progress.loss_sum, progress.count], dtype=torch.float64)
+    loss_sum, count = accelerator.reduce(totals.to(accelerator.device), "sum").tolist()
+    return loss_sum / count
 
 
 @dataclass
@@ -178,35 +193,3 @@ def average_buffers(module: nn.Module, accelerator) -> None:
     for b in buffers:
         b.copy_(flat[offset : offset + b.numel()].view_as(b))
         offset += b.numel()
-
-
-class EarlyStopping:
-    """Stop when the monitored loss stops improving, with the seed's counting.
-
-    An epoch improves when its loss is below the best so far by more than min_delta; it
-    then becomes the best and the count of bad epochs returns to 0. Otherwise the count
-    grows by one, and `step` returns True once the count exceeds `patience`: with
-    patience 10, the 11th non-improving epoch in a row stops training (the seed's
-    `trigger > patience`, and the same counting as torch's ReduceLROnPlateau).
-    """
-
-    def __init__(self, patience: int, min_delta: float = 0.0):
-        self.patience = patience
-        self.min_delta = min_delta
-        self.best = math.inf
-        self.bad_epochs = 0
-
-    def step(self, loss: float) -> bool:
-        if loss < self.best - self.min_delta:
-            self.best = loss
-            self.bad_epochs = 0
-        else:
-            self.bad_epochs += 1
-        return self.bad_epochs > self.patience
-
-    def state_dict(self) -> dict:
-        return {"best": self.best, "bad_epochs": self.bad_epochs}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.best = float(state["best"])
-        self.bad_epochs = int(state["bad_epochs"])

@@ -1,18 +1,25 @@
-"""Where a training run writes, and what it resumes from.
+"""A new run or a resumed one: where a training run writes, what it resumes from, and the
+rules a resumed run must keep.
 
 The main process decides (a new run folder, or an interrupted run to continue and its saved
-state) and every other rank receives the same decision, or the same error.
+state) and every other rank receives the same decision, or the same error. The rules: options
+that would make a different run are refused (RESUMABLE_OVERRIDES lists the others); a fixed
+per-step schedule keeps its --epochs; a run that has ended stays ended unless a completed one
+is given more epochs; precision changes only when asked; a different number of processes
+continues only at an epoch boundary without a per-step schedule.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from . import rundir
 from .checkpoint import load_resume_state
-from .config import RESUMABLE_OVERRIDES, TrainConfig, resolve_config
+from .config import RESUMABLE_OVERRIDES, TrainConfig, config_from_dict, resolve_config
+from .decisions import PER_STEP_SCHEDULERS
 from .errors import UserError
 
 
@@ -54,7 +61,7 @@ def plan_run(explicit: dict[str, Any]) -> RunPlan:
     resumed["run_name"] = resume_dir.name
     resumed["output_dir"] = str(resume_dir.parent)
     resumed["resume"] = cfg.resume
-    if resumed["epochs"] != saved["epochs"] and saved["scheduler"] in ("onecycle", "cosine"):
+    if resumed["epochs"] != saved["epochs"] and saved["scheduler"] in PER_STEP_SCHEDULERS:
         raise UserError(
             f"--epochs cannot change when resuming a run with the {saved['scheduler']} "
             "schedule: its learning rates are fixed by the original length"
@@ -66,7 +73,7 @@ def plan_run(explicit: dict[str, Any]) -> RunPlan:
     status = rundir.run_status(resume_dir)
     # A completed run goes on only if --epochs now asks for more; the others have ended.
     if status in rundir.FINISHED_STATUSES and not (
-        status == "completed" and state["epoch"] < resumed["epochs"]
+        status == rundir.COMPLETED and state["epoch"] < resumed["epochs"]
     ):
         plan.finished = status
     return plan
@@ -146,3 +153,47 @@ def share_plan(accelerator, explicit: dict[str, Any]) -> RunPlan:
     if plan.error:
         raise UserError(plan.error)
     return plan
+
+
+def settle_config(
+    plan: RunPlan, explicit: dict[str, Any], mixed_precision: str, compiled: bool
+) -> TrainConfig:
+    """The run's config as this launch really runs it (mixed_precision and compiled: what the
+    Accelerator uses). The Accelerator was built before the main process found the run to
+    resume: a resumed run must not change precision silently."""
+    cfg = config_from_dict(plan.config)
+    if (
+        plan.resume_state is not None
+        and explicit.get("mixed_precision") is None
+        and cfg.mixed_precision != mixed_precision
+    ):
+        raise UserError(
+            f"{plan.run_dir} trained with mixed precision {cfg.mixed_precision} but this launch "
+            f"uses {mixed_precision}: resume with --mixed-precision {cfg.mixed_precision}, or "
+            f"give --mixed-precision {mixed_precision} to change it"
+        )
+    return replace(
+        cfg,
+        mixed_precision=mixed_precision,
+        compile=compiled,
+        # eval and predict read the data of the run from wherever they are started
+        data_dir=os.path.abspath(cfg.data_dir),
+    )
+
+
+def check_process_count(state: dict, world: int, scheduler: str, run_dir: Path) -> str | None:
+    """Whether a saved state can continue on `world` processes: None when nothing changed, a
+    note for the user when it continues differently, a UserError when it cannot."""
+    saved = state["world_size"]
+    if saved == world:
+        return None
+    if state["step"] or scheduler in PER_STEP_SCHEDULERS:
+        why = "mid-epoch" if state["step"] else f"with the per-step {scheduler} schedule"
+        raise UserError(
+            f"{run_dir} was stopped {why} on {saved} processes: resume it "
+            f"on the same number (now {world})"
+        )
+    return (
+        f"note: {run_dir} ran on {saved} processes, now {world}: it "
+        "continues, but not bit for bit as it would have"
+    )

@@ -29,7 +29,12 @@ RESUME = "resume.pt"
 SUMMARY = "summary.json"
 LOCK = ".lock"
 TENSORBOARD = "tensorboard"
-FINISHED_STATUSES = ("completed", "early-stopped", "diverged")
+# How a run ended: summary.json's "status"; a preempted run can be resumed, the others ended.
+COMPLETED = "completed"
+EARLY_STOPPED = "early-stopped"
+DIVERGED = "diverged"
+PREEMPTED = "preempted"
+FINISHED_STATUSES = (COMPLETED, EARLY_STOPPED, DIVERGED)
 
 
 def checkpoint_path(run_dir: Path, name: str) -> Path:

@@ -1,0 +1,187 @@
+"""Everything a training run writes into its folder (the names are in rundir.py):
+config.json, metrics.jsonl and TensorBoard, last/best.safetensors and their repair after a
+kill, resume.pt, summary.json.
+
+Only the main process writes: every write of a run is in this module, behind
+`is_main_process`. The functions are called on every rank, because some of them first gather
+what each rank holds (a collective that must not sit inside a main-process branch). Before
+training, resume_policy has created and locked the folder and removed the temporary files
+of writes that a kill interrupted; all writes are atomic (checkpoint.atomic_write).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import rundir
+from .checkpoint import (
+    atomic_copy,
+    atomic_write_text,
+    checkpoint_epoch,
+    save_model_checkpoint,
+    save_resume_state,
+)
+from .config import TrainConfig
+from .engine import EpochProgress
+from .models import count_parameters
+
+if TYPE_CHECKING:
+    from .resume_policy import RunPlan
+    from .session import Session
+
+
+def discard_unused_run(accelerator, plan: RunPlan) -> None:
+    """A new run that failed before training (bad data): remove the folder made only to
+    prove it writable, so that no empty run is left behind."""
+    if accelerator.is_main_process and plan.resume_state is None:
+        rundir.remove_unused(Path(plan.run_dir))
+
+
+def start_outputs(s: Session, state: dict | None) -> None:
+    """config.json, metrics.jsonl cut back to the resume point, TensorBoard."""
+    accelerator = s.accelerator
+    if accelerator.is_main_process:
+        if state is None:
+            config_text = json.dumps(s.cfg.to_dict(), indent=2) + "\n"
+            atomic_write_text(s.run_dir / rundir.CONFIG, config_text)
+        s.metrics.keep_epochs_up_to(s.start_epoch)
+        if state is not None:
+            repair_checkpoints(s, state)
+    accelerator.project_configuration.set_directories(str(s.run_dir))
+    accelerator.project_configuration.logging_dir = str(s.run_dir)
+    accelerator.init_trackers(
+        rundir.TENSORBOARD,
+        config={k: (v if v is not None else "") for k, v in s.cfg.to_dict().items()},
+        # Events of epochs after the resume point are dropped: they will be written again.
+        init_kwargs={"tensorboard": {"purge_step": s.start_epoch + 1}},
+    )
+
+
+def log_epoch(s: Session, record: dict) -> None:
+    """The epoch's line in metrics.jsonl and its TensorBoard scalars."""
+    if not s.accelerator.is_main_process:
+        return
+    s.metrics.append(record)
+    scalars = {"Loss/train": record["train_loss"], "LearningRate": record["lr"]}
+    if "valid_loss" in record:
+        scalars.update(
+            {"Loss/valid": record["valid_loss"], "Accuracy/valid": record["valid_accuracy"]}
+        )
+    if "test_loss" in record:
+        scalars.update({"Loss/test": record["test_loss"], "Accuracy/test": record["test_accuracy"]})
+    s.accelerator.log(scalars, step=record["epoch"])
+
+
+def rank_state(progress: EpochProgress, device: torch.device) -> dict:
+    """What differs between ranks: RNG streams (dropout) and the partial epoch's loss sums
+    (session.restore_rank_state reads it back)."""
+    return {
+        "cpu_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "loss_sum": progress.loss_sum,
+        "count": progress.count,
+    }
+
+
+def save_resume(s: Session, epoch_done: int, progress: EpochProgress) -> None:
+    """resume.pt (session.restore_training_state reads it back). Collective: every rank sends
+    its RNG state; the main process writes one file."""
+    from accelerate.utils import gather_object
+
+    rank_states = gather_object([rank_state(progress, s.accelerator.device)])
+    if s.accelerator.is_main_process:
+        state = {
+            "config": s.cfg.to_dict(),
+            "epoch": epoch_done,
+            "step": progress.step,
+            "elapsed": s.elapsed,
+            "world_size": s.accelerator.num_processes,
+            "model": s.plain_model.state_dict(),
+            "ema": s.ema.state_dict() if s.ema is not None else None,
+            "optimizer": s.optimizer.state_dict(),
+            "plateau": s.plateau.state_dict() if s.plateau is not None else None,
+            "step_scheduler": s.step_scheduler.state_dict() if s.step_scheduler else None,
+            # fp16's loss scale: without it a resumed run starts again at 2**16 and skips steps
+            "grad_scaler": s.accelerator.scaler.state_dict() if s.accelerator.scaler else None,
+            "early_stopping": s.stopper.state_dict(),
+            "best": s.best.state_dict(),
+            "rank_states": rank_states,
+        }
+        save_resume_state(s.run_dir / rundir.RESUME, state)
+    s.accelerator.wait_for_everyone()
+
+
+def write_checkpoints(s: Session, record: dict) -> None:
+    """last.safetensors, and best.safetensors as a copy of it when this epoch is the best.
+    Called after resume.pt is saved, so that a kill in between leaves checkpoints that
+    repair_checkpoints can write again from resume.pt."""
+    if not s.accelerator.is_main_process:
+        return
+    last = rundir.checkpoint_path(s.run_dir, "last")
+    meta = checkpoint_metadata(s.cfg, record, count_parameters(s.plain_model))
+    save_model_checkpoint(last, s.eval_model.state_dict(), meta)
+    if record.get("is_best"):
+        atomic_copy(last, rundir.checkpoint_path(s.run_dir, "best"))
+
+
+def repair_checkpoints(s: Session, state: dict) -> None:
+    """Main process, on resume: if the run was killed after saving resume.pt at the end of an
+    epoch but before that epoch's checkpoints were written, write them now from the state."""
+    if state["step"]:
+        return  # stopped mid-epoch: the last epoch's checkpoints were complete before it
+    record = next((r for r in s.metrics.read() if r["epoch"] == state["epoch"]), None)
+    if record is None:
+        return
+    stale = [
+        name
+        for name in ("last", "best")
+        if (name == "last" or record.get("is_best"))
+        and checkpoint_epoch(rundir.checkpoint_path(s.run_dir, name)) != record["epoch"]
+    ]
+    if stale:
+        write_checkpoints(s, record)
+        s.reporter.print(f"rewrote {' and '.join(stale)} checkpoint(s) of epoch {record['epoch']}")
+
+
+def checkpoint_metadata(cfg: TrainConfig, record: dict, n_params: int) -> dict:
+    metric_names = ("train_loss", "valid_loss", "valid_accuracy")
+    return {
+        "model": cfg.model,
+        "epoch": record["epoch"],
+        "metrics": {k: v for k, v in record.items() if k in metric_names},
+        "num_parameters": n_params,
+        "config": cfg.to_dict(),
+    }
+
+
+def write_summary(s: Session, status: str, detail: str, epoch: int) -> None:
+    """summary.json, with where every rank ended: they must agree. Collective."""
+    from accelerate.utils import gather_object
+
+    ranks = gather_object(
+        [
+            {
+                "rank": s.accelerator.process_index,
+                "epoch": epoch,
+                "lr": s.optimizer.param_groups[0]["lr"],
+                "early_stopping_bad_epochs": s.stopper.bad_epochs,
+            }
+        ]
+    )
+    if s.accelerator.is_main_process:
+        summary = {
+            "status": status,
+            "detail": detail,
+            "epochs_completed": len(s.metrics.read()),
+            "best": s.best.state_dict(),
+            "world_size": s.accelerator.num_processes,
+            "distributed_type": s.accelerator.distributed_type.value,
+            "mixed_precision": s.accelerator.mixed_precision,
+            "elapsed": s.elapsed,
+            "ranks": ranks,
+        }
+        atomic_write_text(s.run_dir / rundir.SUMMARY, json.dumps(summary, indent=2) + "\n")
