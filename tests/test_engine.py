@@ -60,3 +60,46 @@ def test_gradient_clipping_bounds_the_global_norm_of_a_step():
         assert one_sgd_step(max_norm).norm().item() == pytest.approx(max_norm, rel=1e-4)
     # A bound above the gradient's norm changes nothing.
     assert torch.equal(one_sgd_step(unclipped * 2), one_sgd_step(0.0))
+
+
+def test_every_optimizer_step_updates_the_weight_average():
+    """train_one_epoch steps the EMA itself, after each optimizer step: the same average as
+    one built by hand from the same steps."""
+    from accelerate import Accelerator
+
+    from fmnist_accel.ema import WeightEMA
+    from fmnist_accel.engine import EpochProgress, train_one_epoch, training_loss
+
+    torch.manual_seed(0)
+    batches = [(torch.randn(8, 784), torch.randint(0, 10, (8,))) for _ in range(3)]
+    model, by_hand = torch.nn.Linear(784, 10), torch.nn.Linear(784, 10)
+    by_hand.load_state_dict(model.state_dict())
+    ema, ema_by_hand = WeightEMA(model, 0.5), WeightEMA(by_hand, 0.5)
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_one_epoch(model, optimizer, Accelerator(cpu=True), lambda step: batches[step],
+                    len(batches), start=EpochProgress(), ema=ema)  # fmt: skip
+
+    optimizer = torch.optim.SGD(by_hand.parameters(), lr=0.1)
+    for x, y in batches:
+        training_loss(by_hand(x), y, 0.0).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        ema_by_hand.update()
+    assert torch.equal(model.weight, by_hand.weight)
+    assert not torch.equal(ema.module.weight, model.weight)  # an average, not a copy
+    for a, b in zip(ema.module.parameters(), ema_by_hand.module.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_between_epochs_only_stop_requests_are_checked():
+    from accelerate import Accelerator
+
+    from fmnist_accel.engine import STOP_SIGNAL, EpochProgress, check_stop, global_train_loss
+
+    accelerator = Accelerator(cpu=True)
+    assert check_stop(accelerator, True) == (STOP_SIGNAL, [])
+    assert check_stop(accelerator, False) == (None, [])
+    # in the step loop, a non-finite loss outranks a signal
+    assert check_stop(accelerator, True, torch.tensor(float("nan")))[0] != STOP_SIGNAL
+    assert global_train_loss(EpochProgress(step=3, loss_sum=6.0, count=4), accelerator) == 1.5
