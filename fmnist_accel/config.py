@@ -180,7 +180,7 @@ class TrainConfig:
 # Named recipes: overrides of the field defaults. Options the user types win over these.
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
-    # The DAWNBench-shaped ResNet-9 probe of DESIGN.md section 5, made a recipe: fixed
+    # The DAWNBench-shaped ResNet-9 (README, "Recipes and results"), made a recipe: fixed
     # OneCycle schedule, so early stopping and the plateau scheduler are off.
     "high-accuracy": {
         "model": "resnet9",

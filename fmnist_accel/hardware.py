@@ -22,7 +22,7 @@ def make_accelerator(mixed_precision: str | None = None, **kwargs):
     """An Accelerator whose processes really form one group, or a one-line UserError.
 
     Accelerator(cpu=True) whenever there is no GPU: a plain Accelerator() started by a
-    multi-process launcher on a CPU machine runs N unconnected copies (DESIGN.md 3), so the
+    multi-process launcher on a CPU machine runs N unconnected copies (docs/architecture.md), so the
     world size is also checked against what the launcher started.
     """
     from accelerate import Accelerator
