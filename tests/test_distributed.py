@@ -69,8 +69,9 @@ def test_cpu_launch_config_gives_real_ranks(data_dir, tmp_path):
 
 
 def test_unconnected_processes_are_refused(tmp_path):
-    """The DESIGN.md trap: a plain Accelerator() (no cpu=True) under a 2-process CPU launch
-    gives two unconnected single-process runs. The toolkit must refuse, not train twice."""
+    """A pitfall of docs/architecture.md: a plain Accelerator() (no cpu=True) under a
+    2-process CPU launch gives two unconnected single-process runs. The toolkit must refuse,
+    not train twice."""
     script = tmp_path / "plain.py"
     script.write_text(
         "import sys\n"
