@@ -1,4 +1,4 @@
-"""The `fmnist-accel` command: train, eval, predict.
+"""The `fmnist-accel` command: train, eval, predict, runs.
 
 The train options are generated from config.TrainConfig, so `fmnist-accel train`,
 `python -m fmnist_accel.train` and `accelerate launch -m fmnist_accel.train` share one
@@ -16,6 +16,7 @@ import click
 
 from .config import RECIPES, TrainConfig, config_fields
 from .errors import EXIT_USER_ERROR, UserError
+from .runs_table import SORT_KEYS
 
 
 class FiniteFloat(click.FloatRange):
@@ -158,6 +159,29 @@ def eval_command(checkpoint, run_dir, output_dir, data_dir, batch_size, tta, spl
     from .evaluate import run_eval
 
     return run_eval(checkpoint, run_dir, output_dir, data_dir, batch_size, tta, split, as_json)
+
+
+@cli.command("runs")
+@click.option("--output-dir", default="runs", show_default=True, help="The folder of run folders.")
+@click.option(
+    "--sort",
+    type=click.Choice(list(SORT_KEYS)),
+    default="name",
+    show_default=True,
+    help="Order of the lines (valid, test, epochs: highest first).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON list, one object per run.")
+def runs_command(output_dir, sort, as_json):
+    """A table of the run folders in --output-dir.
+
+    One line per folder: model, recipe, status (running, completed, early-stopped,
+    preempted, diverged, or interrupted: killed without a word), epochs, best validation
+    accuracy and its epoch, test accuracy, training time, processes, precision, and what
+    is wrong with a damaged folder.
+    """
+    from .runs_table import run_runs
+
+    return run_runs(output_dir, sort, as_json)
 
 
 @cli.command("predict")
