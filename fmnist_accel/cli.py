@@ -149,7 +149,16 @@ data_dir_option = click.option(
     "figures it logged.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
-def eval_command(checkpoint, run_dir, output_dir, data_dir, batch_size, tta, split, as_json):
+@click.option(
+    "--save-figures",
+    metavar="DIR",
+    default=None,
+    help="Also draw confusion_matrix.png, per_class_accuracy.png and mistakes.png (the most "
+    "confidently misclassified images) into DIR.",
+)
+def eval_command(
+    checkpoint, run_dir, output_dir, data_dir, batch_size, tta, split, as_json, save_figures
+):
     """Test (or validation) loss, accuracy, per-class accuracy and confusion matrix of a
     checkpoint.
 
@@ -158,7 +167,9 @@ def eval_command(checkpoint, run_dir, output_dir, data_dir, batch_size, tta, spl
     """
     from .evaluate import run_eval
 
-    return run_eval(checkpoint, run_dir, output_dir, data_dir, batch_size, tta, split, as_json)
+    return run_eval(
+        checkpoint, run_dir, output_dir, data_dir, batch_size, tta, split, as_json, save_figures
+    )
 
 
 @cli.command("runs")
