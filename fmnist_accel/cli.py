@@ -1,4 +1,4 @@
-"""The `fmnist-accel` command: train, eval, predict, runs.
+"""The `fmnist-accel` command: train, eval, predict, plot, runs.
 
 The train options are generated from config.TrainConfig, so `fmnist-accel train`,
 `python -m fmnist_accel.train` and `accelerate launch -m fmnist_accel.train` share one
@@ -170,6 +170,33 @@ def eval_command(
     return run_eval(
         checkpoint, run_dir, output_dir, data_dir, batch_size, tta, split, as_json, save_figures
     )
+
+
+@cli.command("plot")
+@click.argument("runs", nargs=-1, required=True, metavar="RUN [RUN ...]")
+@click.option(
+    "--output-dir",
+    default="runs",
+    show_default=True,
+    help="Where a RUN given by name is looked for (a RUN may also be a folder path).",
+)
+@click.option(
+    "--save",
+    "save_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The picture to write: a .png, .pdf or .svg file.",
+)
+def plot_command(runs, output_dir, save_path):
+    """Learning curves of runs, drawn into one picture.
+
+    Losses, accuracies and the learning rate against the epoch, one colour per run, the
+    best epoch and learning-rate drops marked. RUN: a run folder, or its name in
+    --output-dir.
+    """
+    from .curves import run_plot
+
+    return run_plot(list(runs), output_dir, save_path)
 
 
 @cli.command("runs")
