@@ -60,6 +60,7 @@ from .hardware import describe, make_accelerator, thread_note
 from .models import build_model, count_parameters
 from .preemption import StopRequest
 from .report import Reporter, seconds_since_process_start
+from .run_end import record_run_end
 from .runplan import RunPlan, share_plan
 
 
@@ -396,7 +397,8 @@ def start_outputs(s: Session, state: dict | None) -> None:
     accelerator.project_configuration.logging_dir = str(s.run_dir)
     accelerator.init_trackers(
         rundir.TENSORBOARD,
-        config={k: (v if v is not None else "") for k, v in s.cfg.to_dict().items()},
+        # No config=: accelerate would add_hparams into a new timestamped sub-run per start;
+        # run_end.record_run_end writes the run's one HParams entry when it ends.
         # Events of epochs after the resume point are dropped: they will be written again.
         init_kwargs={"tensorboard": {"purge_step": s.start_epoch + 1}},
     )
@@ -590,6 +592,7 @@ def run_training(accelerator, explicit: dict[str, Any]) -> int:
     finally:
         stop_request.uninstall()
     finish(s, status, detail, epoch)
+    record_run_end(accelerator, s.run_dir, status, reporter.print)  # TensorBoard figures, HParams
     if exit_code == EXIT_DIVERGED:
         raise TrainingDiverged(detail)  # one line on stderr, exit code 3
     if detail:
