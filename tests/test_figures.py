@@ -1,15 +1,17 @@
 """Pictures of a checkpoint's mistakes: drawn from the same counts as `eval --json`, written
-as PNG files by `eval --save-figures` (on one and on two processes)."""
+as PNG files by `eval --save-figures` (on one and on two processes), and logged into the
+run's TensorBoard when training ends."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import CLI, TINY_RUN_ARGS, assert_one_line_error, run_command
-from launching import evaluate_json
+from launching import evaluate_json, train, why
 from PIL import Image
 
 from fmnist_accel import figures
@@ -145,3 +147,52 @@ def test_save_figures_into_a_file_is_refused(weak_run, tmp_path):
     )
     assert_one_line_error(result, f"--save-figures {target} is a file")
     assert target.read_text() == "keep me"
+
+
+def test_training_logs_the_figures_of_its_best_checkpoint_to_tensorboard(weak_run, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    events = EventAccumulator(str(weak_run / "tensorboard"), size_guidance={IMAGES: 0})
+    events.Reload()
+    tags = {f"Figures/test/{name}": name for name in FIGURE_NAMES}
+    assert set(tags) <= set(events.Tags()["images"])
+    for tag, name in tags.items():
+        (image,) = events.Images(tag)
+        assert image.step == 1  # the last finished epoch
+        assert (image.width, image.height) == expected_size(name)
+        assert_picture(Image.open(io.BytesIO(image.encoded_image_string)), name)
+
+    # They show the best checkpoint on the test split: the same pixels as eval draws.
+    result = run_command(
+        [CLI, "eval", "best", "--run-dir", weak_run, "--save-figures", tmp_path], cwd=tmp_path
+    )
+    assert result.rc == 0, str(result)
+    (logged,) = events.Images("Figures/test/confusion_matrix")
+    from_tensorboard = np.asarray(Image.open(io.BytesIO(logged.encoded_image_string)))
+    from_eval = np.asarray(Image.open(tmp_path / "confusion_matrix.png").convert("RGB"))
+    assert (from_tensorboard[..., :3] == from_eval).all()
+
+
+@pytest.mark.slow
+def test_two_process_training_logs_the_figures_of_the_exact_evaluation(readonly_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    args = [*TINY_RUN_ARGS, "--epochs", "1", "--lr", "1e-6", "--data-dir", str(readonly_data.path),
+            "--output-dir", str(tmp_path), "--run-name", "two"]  # fmt: skip
+    proc = train(2, args)
+    assert proc.returncode == 0, why(proc)
+    assert proc.stdout.count("figures of best.safetensors on the test split") == 1
+    events = EventAccumulator(str(tmp_path / "two" / "tensorboard"), size_guidance={IMAGES: 0})
+    events.Reload()
+    drawn = run_command(
+        [CLI, "eval", "best", "--run-dir", tmp_path / "two", "--json", "--save-figures",
+         tmp_path / "figs"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert drawn.rc == 0, str(drawn)
+    assert drawn.json()["accuracy"] < 1  # there are mistakes to show
+    for name in FIGURE_NAMES:
+        (logged,) = events.Images(f"Figures/test/{name}")
+        by_ranks = np.asarray(Image.open(io.BytesIO(logged.encoded_image_string)))
+        by_eval = np.asarray(Image.open(tmp_path / "figs" / f"{name}.png").convert("RGB"))
+        assert (by_ranks[..., :3] == by_eval).all(), name
