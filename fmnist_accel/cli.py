@@ -1,4 +1,4 @@
-"""The `fmnist-accel` command: train, eval, predict.
+"""The `fmnist-accel` command: train, eval, predict, plot, runs.
 
 The train options are generated from config.TrainConfig, so `fmnist-accel train`,
 `python -m fmnist_accel.train` and `accelerate launch -m fmnist_accel.train` share one
@@ -16,6 +16,7 @@ import click
 
 from .config import RECIPES, TrainConfig, config_fields
 from .errors import EXIT_USER_ERROR, UserError
+from .runs_table import SORT_KEYS
 
 
 class FiniteFloat(click.FloatRange):
@@ -148,7 +149,16 @@ data_dir_option = click.option(
     "figures it logged.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
-def eval_command(checkpoint, run_dir, output_dir, data_dir, batch_size, tta, split, as_json):
+@click.option(
+    "--save-figures",
+    metavar="DIR",
+    default=None,
+    help="Also draw confusion_matrix.png, per_class_accuracy.png and mistakes.png (the most "
+    "confidently misclassified images) into DIR.",
+)
+def eval_command(
+    checkpoint, run_dir, output_dir, data_dir, batch_size, tta, split, as_json, save_figures
+):
     """Test (or validation) loss, accuracy, per-class accuracy and confusion matrix of a
     checkpoint.
 
@@ -157,7 +167,59 @@ def eval_command(checkpoint, run_dir, output_dir, data_dir, batch_size, tta, spl
     """
     from .evaluate import run_eval
 
-    return run_eval(checkpoint, run_dir, output_dir, data_dir, batch_size, tta, split, as_json)
+    return run_eval(
+        checkpoint, run_dir, output_dir, data_dir, batch_size, tta, split, as_json, save_figures
+    )
+
+
+@cli.command("plot")
+@click.argument("runs", nargs=-1, required=True, metavar="RUN [RUN ...]")
+@click.option(
+    "--output-dir",
+    default="runs",
+    show_default=True,
+    help="Where a RUN given by name is looked for (a RUN may also be a folder path).",
+)
+@click.option(
+    "--save",
+    "save_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The picture to write: a .png, .pdf or .svg file.",
+)
+def plot_command(runs, output_dir, save_path):
+    """Learning curves of runs, drawn into one picture.
+
+    Losses, accuracies and the learning rate against the epoch, one colour per run, the
+    best epoch and learning-rate drops marked. RUN: a run folder, or its name in
+    --output-dir.
+    """
+    from .curves import run_plot
+
+    return run_plot(list(runs), output_dir, save_path)
+
+
+@cli.command("runs")
+@click.option("--output-dir", default="runs", show_default=True, help="The folder of run folders.")
+@click.option(
+    "--sort",
+    type=click.Choice(list(SORT_KEYS)),
+    default="name",
+    show_default=True,
+    help="Order of the lines (valid, test, epochs: highest first).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON list, one object per run.")
+def runs_command(output_dir, sort, as_json):
+    """A table of the run folders in --output-dir.
+
+    One line per folder: model, recipe, status (running, completed, early-stopped,
+    preempted, diverged, or interrupted: killed without a word), epochs, best validation
+    accuracy and its epoch, test accuracy, training time, processes, precision, and what
+    is wrong with a damaged folder.
+    """
+    from .runs_table import run_runs
+
+    return run_runs(output_dir, sort, as_json)
 
 
 @cli.command("predict")

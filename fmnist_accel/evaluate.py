@@ -4,6 +4,7 @@ several processes."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 from rich.console import Console
@@ -13,8 +14,10 @@ from .data import CLASS_NAMES, Split, load_split, train_valid_split
 from .device_data import EvalSet
 from .engine import EvalResult, evaluate
 from .errors import UserError
+from .figures import MISTAKES_SHOWN, save_eval_figures
 from .hardware import make_accelerator
-from .rundir import resolve_checkpoint
+from .mistakes import attach_images, most_confident_mistakes
+from .rundir import check_writable, resolve_checkpoint
 from .trained_model import data_dir_for, model_from_checkpoint
 
 
@@ -27,8 +30,13 @@ def run_eval(
     tta: bool,
     split: str,
     as_json: bool,
+    save_figures: str | None = None,
 ) -> int:
     path = resolve_checkpoint(checkpoint, run_dir, output_dir)
+    if save_figures is not None:
+        if Path(save_figures).is_file():
+            raise UserError(f"--save-figures {save_figures} is a file: name a folder")
+        check_writable(Path(save_figures))  # every rank, before the work: same answer
     model, meta = model_from_checkpoint(path)
     config = meta.get("config", {})
     if split == "valid" and not config.get("valid_size"):
@@ -40,7 +48,7 @@ def run_eval(
     try:
         images = eval_split(data_dir_for(meta, data_dir), split, config)
         return evaluate_and_report(
-            accelerator, path, model, meta, images, split, batch_size, tta, as_json
+            accelerator, path, model, meta, images, split, batch_size, tta, as_json, save_figures
         )
     finally:
         # Tear the process group down before exit: gloo's threads otherwise abort at exit.
@@ -59,7 +67,7 @@ def eval_split(data_dir: str, split: str, config: dict) -> Split:
 
 
 def evaluate_and_report(
-    accelerator, path, model, meta, images: Split, split, batch_size, tta, as_json
+    accelerator, path, model, meta, images: Split, split, batch_size, tta, as_json, figures_dir
 ) -> int:
     channels_last = True  # faster convolutions on GPUs and on oneDNN CPUs alike
     eval_set = EvalSet(
@@ -73,8 +81,15 @@ def evaluate_and_report(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     result = evaluate(model, eval_set, accelerator, batch_size, tta=tta)
+    if figures_dir is not None:
+        mistakes = most_confident_mistakes(
+            model, eval_set, accelerator, batch_size, MISTAKES_SHOWN, tta=tta
+        )
     if accelerator.is_main_process:
         report = eval_report(result, str(path), meta, tta, accelerator.num_processes, split)
+        if figures_dir is not None:
+            attach_images(mistakes, images.images)
+            report["figures"] = save_eval_figures(report, mistakes, Path(figures_dir))
         if as_json:
             print(json.dumps(report))
         else:

@@ -55,7 +55,8 @@ def start_outputs(s: Session, state: dict | None) -> None:
     accelerator.project_configuration.logging_dir = str(s.run_dir)
     accelerator.init_trackers(
         rundir.TENSORBOARD,
-        config={k: (v if v is not None else "") for k, v in s.cfg.to_dict().items()},
+        # No config=: accelerate would add_hparams into a new timestamped sub-run per start;
+        # run_end.record_run_end writes the run's one HParams entry when it ends.
         # Events of epochs after the resume point are dropped: they will be written again.
         init_kwargs={"tensorboard": {"purge_step": s.start_epoch + 1}},
     )

@@ -42,6 +42,7 @@ from .hardware import describe, thread_note
 from .models import count_parameters
 from .preemption import StopRequest
 from .resume_policy import settle_config, share_plan
+from .run_end import record_run_end
 from .session import Session, build_session, compiles, make_training_accelerator
 
 
@@ -102,6 +103,7 @@ def run_training(accelerator, explicit: dict[str, Any]) -> int:
     finally:
         stop_request.uninstall()
     outputs.write_summary(s, end.status, end.detail, end.epoch)
+    record_run_end(s.accelerator, s.run_dir, end.status, reporter.print)  # figures, HParams
     if end.exit_code == EXIT_DIVERGED:
         raise TrainingDiverged(end.detail)  # one line on stderr, exit code 3
     if end.detail:

@@ -63,8 +63,8 @@ def test_cpu_launch_config_gives_real_ranks(data_dir, tmp_path):
     assert proc.stdout.count("epoch 1/1") == 1
     assert len(metrics(tmp_path / "r")) == 1
     events = list((tmp_path / "r" / "tensorboard").rglob("events.out.tfevents.*"))
-    # events.out.tfevents.<time>.<host>.<pid>.<n>: the scalars' file and add_hparams' own,
-    # all written by one process
+    # events.out.tfevents.<time>.<host>.<pid>.<n> (the scalars and images) and
+    # .<pid>.hparams (the HParams entry): all written by one process
     assert events and len({e.name.split(".")[-2] for e in events}) == 1
 
 

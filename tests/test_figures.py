@@ -1,0 +1,198 @@
+"""Pictures of a checkpoint's mistakes: drawn from the same counts as `eval --json`, written
+as PNG files by `eval --save-figures` (on one and on two processes), and logged into the
+run's TensorBoard when training ends."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import CLI, TINY_RUN_ARGS, assert_one_line_error, run_command
+from launching import evaluate_json, train, why
+from PIL import Image
+
+from fmnist_accel import figures
+from fmnist_accel.data import CLASS_NAMES, load_split
+
+FIGURE_NAMES = ("confusion_matrix", "per_class_accuracy", "mistakes")
+
+
+def expected_size(name: str) -> tuple[int, int]:
+    width, height = figures.SIZES[name]
+    return round(width * figures.DPI), round(height * figures.DPI)
+
+
+def assert_picture(image: Image.Image, name: str) -> np.ndarray:
+    """A PNG of the figure's size with real content (many colours, not a blank canvas)."""
+    assert image.format == "PNG"
+    assert image.size == expected_size(name)
+    pixels = np.asarray(image.convert("RGB"))
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50, f"{name} is (nearly) uniform"
+    return pixels
+
+
+def png_description(path: Path) -> dict:
+    return json.loads(Image.open(path).text["Description"])
+
+
+@pytest.fixture(scope="module")
+def weak_run(readonly_data, tmp_path_factory):
+    """One epoch at a learning rate too small to learn: a checkpoint that makes mistakes."""
+    base = tmp_path_factory.mktemp("weak")
+    args = [*TINY_RUN_ARGS, "--epochs", "1", "--lr", "1e-6", "--run-name", "weak"]
+    result = run_command(
+        [CLI, "train", *args, "--data-dir", readonly_data.path, "--output-dir", base / "runs"],
+        cwd=base,
+    )
+    assert result.rc == 0, str(result)
+    return base / "runs" / "weak"
+
+
+def synthetic_report(counts: list[list[int]]) -> dict:
+    n = sum(map(sum, counts))
+    return {
+        "checkpoint": "runs/x/best.safetensors",
+        "model": "mlp",
+        "epoch": 3,
+        "split": "test",
+        "accuracy": sum(counts[i][i] for i in range(10)) / n,
+        "num_samples": n,
+        "classes": list(CLASS_NAMES),
+        "confusion_matrix": counts,
+        "per_class_accuracy": {
+            name: counts[i][i] / max(1, sum(counts[i])) for i, name in enumerate(CLASS_NAMES)
+        },
+        "tta": False,
+    }
+
+
+def test_the_confusion_matrix_drawn_is_the_counts_given():
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 60, (10, 10)) + np.diag(rng.integers(100, 900, 10))
+    counts[3] = 0  # a class without images: a row of zeros, not a division by zero
+    report = synthetic_report(counts.tolist())
+    figure = figures.confusion_matrix_figure(report)
+    ax = figure.axes[0]
+    drawn = np.full((10, 10), -1)
+    for text in ax.texts:  # each count where it is drawn: x the predicted, y the true class
+        x, y = text.get_position()
+        drawn[int(y), int(x)] = int(text.get_text())
+    assert (drawn == counts).all()
+    rows = counts.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(ax.images[0].get_array(), counts / np.maximum(rows, 1))
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(CLASS_NAMES)
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(CLASS_NAMES)
+
+    bars = figures.per_class_accuracy_figure(report).axes[0].patches
+    widths = [bar.get_width() for bar in bars]
+    assert widths == pytest.approx([report["per_class_accuracy"][c] for c in CLASS_NAMES])
+
+
+def test_eval_save_figures_draws_the_counts_eval_json_reports(weak_run, readonly_data, tmp_path):
+    folder = tmp_path / "figs"
+    args = ["best", "--run-dir", weak_run, "--json"]
+    plain = run_command([CLI, "eval", *args], cwd=tmp_path)
+    drawn = run_command([CLI, "eval", *args, "--save-figures", folder], cwd=tmp_path)
+    assert plain.rc == 0 and drawn.rc == 0, str(drawn)
+    report = drawn.json()
+    assert report["confusion_matrix"] == plain.json()["confusion_matrix"]
+    assert report["figures"] == {name: str(folder / f"{name}.png") for name in FIGURE_NAMES}
+    for name in FIGURE_NAMES:
+        path = folder / f"{name}.png"
+        assert_picture(Image.open(path), name)
+        assert png_description(path)["confusion_matrix"] == report["confusion_matrix"]
+
+    # The mistakes shown are real mistakes of this checkpoint, most confident first.
+    mistakes = png_description(folder / "mistakes.png")["mistakes"]
+    counts = np.array(report["confusion_matrix"])
+    wrong = int(counts.sum() - counts.trace())
+    assert wrong > 0 and len(mistakes) == min(figures.MISTAKES_SHOWN, wrong)
+    labels = load_split(readonly_data.path, "test").labels
+    shown = np.zeros_like(counts)
+    for m in mistakes:
+        assert m["true"] == int(labels[m["index"]]) and m["predicted"] != m["true"]
+        shown[m["true"], m["predicted"]] += 1
+    assert (shown <= counts).all()
+    confidences = [m["confidence"] for m in mistakes]
+    assert confidences == sorted(confidences, reverse=True)
+
+
+@pytest.mark.slow
+def test_two_processes_draw_the_same_figures(weak_run, tmp_path):
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    args = ["best", "--run-dir", str(weak_run), "--save-figures"]
+    single = evaluate_json(1, [*args, str(one)])
+    double = evaluate_json(2, [*args, str(two)])
+    assert double["num_processes"] == 2
+    assert double["confusion_matrix"] == single["confusion_matrix"]
+    by_one = png_description(one / "mistakes.png")["mistakes"]
+    by_two = png_description(two / "mistakes.png")["mistakes"]
+    assert [m["index"] for m in by_two] == [m["index"] for m in by_one]
+    assert [m["confidence"] for m in by_two] == pytest.approx(
+        [m["confidence"] for m in by_one], abs=1e-5
+    )
+    for name in FIGURE_NAMES:
+        assert_picture(Image.open(two / f"{name}.png"), name)
+
+
+def test_save_figures_into_a_file_is_refused(weak_run, tmp_path):
+    target = tmp_path / "figs"
+    target.write_text("keep me")
+    result = run_command(
+        [CLI, "eval", "best", "--run-dir", weak_run, "--save-figures", target], cwd=tmp_path
+    )
+    assert_one_line_error(result, f"--save-figures {target} is a file")
+    assert target.read_text() == "keep me"
+
+
+def test_training_logs_the_figures_of_its_best_checkpoint_to_tensorboard(weak_run, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    events = EventAccumulator(str(weak_run / "tensorboard"), size_guidance={IMAGES: 0})
+    events.Reload()
+    tags = {f"Figures/test/{name}": name for name in FIGURE_NAMES}
+    assert set(tags) <= set(events.Tags()["images"])
+    for tag, name in tags.items():
+        (image,) = events.Images(tag)
+        assert image.step == 1  # the last finished epoch
+        assert (image.width, image.height) == expected_size(name)
+        assert_picture(Image.open(io.BytesIO(image.encoded_image_string)), name)
+
+    # They show the best checkpoint on the test split: the same pixels as eval draws.
+    result = run_command(
+        [CLI, "eval", "best", "--run-dir", weak_run, "--save-figures", tmp_path], cwd=tmp_path
+    )
+    assert result.rc == 0, str(result)
+    (logged,) = events.Images("Figures/test/confusion_matrix")
+    from_tensorboard = np.asarray(Image.open(io.BytesIO(logged.encoded_image_string)))
+    from_eval = np.asarray(Image.open(tmp_path / "confusion_matrix.png").convert("RGB"))
+    assert (from_tensorboard[..., :3] == from_eval).all()
+
+
+@pytest.mark.slow
+def test_two_process_training_logs_the_figures_of_the_exact_evaluation(readonly_data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    args = [*TINY_RUN_ARGS, "--epochs", "1", "--lr", "1e-6", "--data-dir", str(readonly_data.path),
+            "--output-dir", str(tmp_path), "--run-name", "two"]  # fmt: skip
+    proc = train(2, args)
+    assert proc.returncode == 0, why(proc)
+    assert proc.stdout.count("figures of best.safetensors on the test split") == 1
+    events = EventAccumulator(str(tmp_path / "two" / "tensorboard"), size_guidance={IMAGES: 0})
+    events.Reload()
+    drawn = run_command(
+        [CLI, "eval", "best", "--run-dir", tmp_path / "two", "--json", "--save-figures",
+         tmp_path / "figs"],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert drawn.rc == 0, str(drawn)
+    assert drawn.json()["accuracy"] < 1  # there are mistakes to show
+    for name in FIGURE_NAMES:
+        (logged,) = events.Images(f"Figures/test/{name}")
+        by_ranks = np.asarray(Image.open(io.BytesIO(logged.encoded_image_string)))
+        by_eval = np.asarray(Image.open(tmp_path / "figs" / f"{name}.png").convert("RGB"))
+        assert (by_ranks[..., :3] == by_eval).all(), name

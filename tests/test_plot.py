@@ -1,0 +1,103 @@
+"""`fmnist-accel plot`: the learning curves of several runs in one picture; bad input is one
+line and exit 2, and nothing already there is overwritten by a failed plot."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import CLI, TINY_RUN_ARGS, assert_one_line_error, run_command
+from PIL import Image
+
+from fmnist_accel import curves, figures
+from fmnist_accel.runinfo import RunInfo, read_run
+
+# matplotlib's first two colours, C0 and C1: one per run
+BLUE, ORANGE = (31, 119, 180), (255, 127, 14)
+
+
+@pytest.fixture(scope="module")
+def second_run(readonly_data, tmp_path_factory):
+    """A 3-epoch run, other seed and lr than the tiny run, that also logged test accuracy
+    every epoch."""
+    base = tmp_path_factory.mktemp("second")
+    args = [*TINY_RUN_ARGS, "--epochs", "3", "--seed", "1", "--lr", "1e-3", "--test-every-epoch",
+            "--run-name", "second"]  # fmt: skip
+    result = run_command(
+        [CLI, "train", *args, "--data-dir", readonly_data.path, "--output-dir", base / "runs"],
+        cwd=base,
+    )
+    assert result.rc == 0, str(result)
+    return base / "runs" / "second"
+
+
+def pixels_of(pixels: np.ndarray, colour: tuple[int, int, int]) -> int:
+    return int((np.abs(pixels.astype(int) - colour).sum(axis=-1) < 30).sum())
+
+
+def test_plot_of_two_runs(tiny_run, second_run, tmp_path):
+    target = tmp_path / "curves.png"
+    result = run_command(
+        [CLI, "plot", tiny_run.run_dir, "second", "--output-dir", second_run.parent,
+         "--save", target],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.rc == 0, str(result)
+    assert f"wrote {target}" in result.stdout
+    image = Image.open(target)
+    assert image.format == "PNG"
+    assert image.size == tuple(round(inches * figures.DPI) for inches in curves.SIZE)
+    pixels = np.asarray(image.convert("RGB"))
+    assert pixels_of(pixels, BLUE) > 300 and pixels_of(pixels, ORANGE) > 300  # both runs
+
+    # What was drawn: each run's curves from its metrics.jsonl, the best epoch starred.
+    runs = [read_run(tiny_run.run_dir), read_run(second_run)]
+    loss_ax, acc_ax, lr_ax, key_ax = curves.curves_figure(runs).axes
+    for colour, info in zip(("C0", "C1"), runs, strict=True):
+        mine = [line for line in acc_ax.lines if line.get_color() == colour]
+        valid = [r["valid_accuracy"] for r in info.records]
+        assert any(list(line.get_ydata()) == valid for line in mine)
+        star = [line for line in mine if line.get_marker() == "*"]
+        assert [(line.get_xdata()[0], line.get_ydata()[0]) for line in star] == [
+            curves.best_point(info)
+        ]
+    test_lines = [line for line in acc_ax.lines if line.get_linestyle() == ":"]
+    assert [list(line.get_ydata()) for line in test_lines if len(line.get_ydata())] == [
+        [r["test_accuracy"] for r in runs[1].records]
+    ]
+    assert lr_ax.get_yscale() == "log"
+    labels = [t.get_text() for t in key_ax.get_legend().get_texts()]
+    assert labels[0].startswith("tiny\n") and labels[1].startswith("second\n")
+
+
+def test_learning_rate_drops_are_marked():
+    records = [
+        {"epoch": e, "train_loss": 1 / e, "valid_loss": 1 / e, "valid_accuracy": 0.5, "lr": lr}
+        for e, lr in enumerate([3e-3] * 6 + [3e-4] * 6 + [3e-5] * 2, start=1)
+    ]
+    info = RunInfo(name="r", path="r", status="completed", records=records)
+    assert curves.lr_drops(info) == [(7, 3e-4), (13, 3e-5)]
+    _, _, lr_ax, _ = curves.curves_figure([info]).axes
+    marked = [(line.get_xdata()[0], line.get_ydata()[0]) for line in lr_ax.lines
+              if line.get_marker() == "v"]  # fmt: skip
+    assert marked == [(7, 3e-4), (13, 3e-5)]
+    info.config = {"scheduler": "cosine"}  # a per-step schedule falls every epoch: no marks
+    assert curves.lr_drops(info) == []
+
+
+def test_plot_bad_input_is_one_line_and_keeps_the_old_picture(tiny_run, tmp_path):
+    target = tmp_path / "curves.png"
+    target.write_bytes(b"an older picture")
+    (tmp_path / "runs" / "fresh").mkdir(parents=True)
+    (tmp_path / "runs" / "fresh" / "config.json").write_text("{}")
+    cases = [
+        (["nope"], "--save", target, "no run folder 'nope'"),
+        (["fresh"], "--save", target, "has no finished epoch to plot"),
+        ([str(tiny_run.run_dir)], "--save", tmp_path / "curves.txt", "name a .png, .pdf, .svg"),
+        ([str(tiny_run.run_dir)], "--save", tmp_path / "no" / "c.png", "does not exist"),
+    ]
+    for runs, flag, path, message in cases:
+        result = run_command([CLI, "plot", *runs, flag, path], cwd=tmp_path)
+        assert_one_line_error(result, message)
+    missing_save = run_command([CLI, "plot", str(tiny_run.run_dir)], cwd=tmp_path)
+    assert_one_line_error(missing_save, "--save")
+    assert target.read_bytes() == b"an older picture"

@@ -1,0 +1,189 @@
+"""`fmnist-accel runs`: every run folder with its status, read from real run folders (live,
+completed, preempted, diverged, killed) and from damaged ones, never with a traceback."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import CLI, TINY_RUN_ARGS, assert_one_line_error, run_command
+from launching import FAULTS, child_env, train, why
+
+from fmnist_accel import rundir, runinfo
+
+
+def test_the_file_names_agree_with_rundir():
+    assert (runinfo.CONFIG, runinfo.METRICS, runinfo.SUMMARY) == (
+        rundir.CONFIG,
+        rundir.METRICS,
+        rundir.SUMMARY,
+    )
+    assert (runinfo.RESUME, runinfo.LOCK, runinfo.TENSORBOARD) == (
+        rundir.RESUME,
+        rundir.LOCK,
+        rundir.TENSORBOARD,
+    )
+    assert set(runinfo.ENDED_STATUSES) == {*rundir.FINISHED_STATUSES, "preempted"}
+
+
+def test_a_held_lock_is_seen_without_taking_any_lock(tmp_path, monkeypatch):
+    lock = tmp_path / ".lock"
+    lock.touch()
+    assert runinfo.lock_holder(lock) is None
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+        def no_flock(*args):
+            raise AssertionError("runs must not try the lock: a starting trainer would fail")
+
+        monkeypatch.setattr(fcntl, "flock", no_flock)
+        assert runinfo.lock_holder(lock) == os.getpid()
+        monkeypatch.undo()
+    assert runinfo.lock_holder(lock) is None  # closed: released
+
+
+def test_proc_locks_lines_that_are_not_a_holder_are_skipped(tmp_path):
+    lock = tmp_path / ".lock"
+    lock.touch()
+    st = lock.stat()
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    table = tmp_path / "locks"
+    table.write_text(
+        f"1: POSIX  ADVISORY  WRITE 11 {where} 0 EOF\n"  # fcntl locks are not flock
+        f"2: FLOCK  ADVISORY  WRITE 22 {where}9 0 EOF\n"  # another inode
+        f"2: -> FLOCK  ADVISORY  WRITE 33 {where} 0 EOF\n"  # a waiter
+        "garbage\n"
+    )
+    assert runinfo.lock_holder(lock, str(table)) is None
+    table.write_text(table.read_text() + f"3: FLOCK  ADVISORY  WRITE 44 {where} 0 EOF\n")
+    assert runinfo.lock_holder(lock, str(table)) == 44
+
+
+def damage(output_dir: Path, tiny_run) -> dict[str, str]:
+    """Damaged and half-written folders beside the real runs: name -> expected problem."""
+    (output_dir / "empty").mkdir()
+    torn = output_dir / "torn-config"
+    shutil.copytree(tiny_run.run_dir, torn)
+    (torn / "config.json").write_text('{"model": "ml')
+    no_config = output_dir / "no-config"
+    shutil.copytree(tiny_run.run_dir, no_config)
+    (no_config / "config.json").unlink()
+    torn_metrics = output_dir / "torn-metrics"
+    shutil.copytree(tiny_run.run_dir, torn_metrics)
+    with open(torn_metrics / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "train_lo')
+    lost = output_dir / "lost-checkpoint"
+    shutil.copytree(tiny_run.run_dir, lost)
+    (lost / "last.safetensors").unlink()
+    bad_summary = output_dir / "bad-summary"
+    shutil.copytree(tiny_run.run_dir, bad_summary)
+    (bad_summary / "summary.json").write_text("[1, 2]")
+    # SIGKILL leaves a run without summary.json (and no live lock holder)
+    killed = output_dir / "killed"
+    shutil.copytree(tiny_run.run_dir, killed)
+    (killed / "summary.json").unlink()
+    return {
+        "empty": "empty folder",
+        "torn-config": "config.json is not valid JSON",
+        "no-config": "no config.json",
+        "torn-metrics": "metrics.jsonl: 1 unreadable line",
+        "lost-checkpoint": "last.safetensors missing",
+        "bad-summary": "summary.json does not hold a JSON object",
+        "killed": "no summary.json: its process was killed",
+    }
+
+
+@pytest.mark.slow
+def test_runs_lists_live_ended_and_damaged_runs(readonly_data, tiny_run, tmp_path):
+    out, pause = tmp_path / "runs", tmp_path / "paused"
+    common = [*TINY_RUN_ARGS, "--data-dir", str(readonly_data.path), "--output-dir", str(out)]
+    live = subprocess.Popen(
+        [sys.executable, str(FAULTS), *common, "--run-name", "live"],
+        env=child_env(FAULT_PAUSE_STEP="3", FAULT_PAUSE_FILE=str(pause)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        # Meanwhile (the live run waits at its pause): runs that ended in other ways.
+        stopped = train(1, [*common, "--run-name", "stopped"], faults={"FAULT_TERM_STEP": "8"})
+        assert stopped.returncode == 75, why(stopped)
+        nan = {"FAULT_NAN_RANK": "0", "FAULT_NAN_STEP": "8"}
+        diverged = train(1, [*common, "--run-name", "diverged", "--epochs", "3"], faults=nan)
+        assert diverged.returncode == 3, why(diverged)
+        shutil.copytree(tiny_run.run_dir, out / "done")
+        problems = damage(out, tiny_run)
+        deadline = time.monotonic() + 120
+        while not pause.exists() and live.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pause.exists(), "the live run never reached its pause"
+
+        listed = run_command([CLI, "runs", "--output-dir", out, "--json"], cwd=tmp_path)
+        table = run_command([CLI, "runs", "--output-dir", out], cwd=tmp_path)
+    finally:
+        pause.unlink(missing_ok=True)
+        try:
+            stdout, stderr = live.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            live.kill()
+            stdout, stderr = live.communicate()
+    assert live.returncode == 0, stderr[-3000:]
+    assert listed.rc == 0, str(listed)
+    runs = {r["name"]: r for r in listed.json()}
+    assert runs["live"]["status"] == "running" and runs["live"]["pid"] == live.pid
+    assert runs["done"]["status"] == "completed"
+    assert runs["stopped"]["status"] == "preempted"
+    assert runs["stopped"]["epochs"] == 1 and runs["stopped"]["problems"] == []
+    assert runs["diverged"]["status"] == "diverged"
+    assert runs["killed"]["status"] == "interrupted"
+    assert runs["torn-config"]["status"] == runs["no-config"]["status"] == "damaged"
+    assert runs["empty"]["status"] == "empty"
+    for name, problem in problems.items():
+        assert any(problem in p for p in runs[name]["problems"]), (name, runs[name])
+
+    done = runs["done"]
+    summary = json.loads((tiny_run.run_dir / "summary.json").read_text())
+    records = [json.loads(line) for line in (tiny_run.run_dir / "metrics.jsonl").open()]
+    assert (done["model"], done["recipe"], done["precision"]) == ("mlp", "default", "no")
+    assert (done["epochs"], done["max_epochs"], done["processes"]) == (2, 2, 1)
+    assert done["best_valid_accuracy"] == max(r["valid_accuracy"] for r in records)
+    assert done["best_epoch"] == summary["best"]["epoch"]
+    assert done["train_time"] == summary["elapsed"]
+    assert done["problems"] == []
+
+    assert table.rc == 0 and "Traceback" not in table.stdout + table.stderr, str(table)
+    for name, run in runs.items():
+        line = next(line for line in table.stdout.splitlines() if f" {name} " in line)
+        assert run["status"] in line
+
+    # Ended now: no longer running.
+    after = run_command([CLI, "runs", "--output-dir", out, "--json"], cwd=tmp_path).json()
+    assert next(r for r in after if r["name"] == "live")["status"] == "completed"
+
+
+def test_runs_reads_final_test_accuracy_and_sorts(tiny_run, tmp_path):
+    out = tmp_path / "runs"
+    for name, accuracy in (("a", 0.5), ("b", None), ("c", 0.9)):
+        shutil.copytree(tiny_run.run_dir, out / name)
+        summary = json.loads((out / name / "summary.json").read_text())
+        summary["final_test"] = {"accuracy": accuracy} if accuracy else "not a dict"
+        (out / name / "summary.json").write_text(json.dumps(summary))
+    result = run_command([CLI, "runs", "--output-dir", out, "--sort", "test", "--json"], tmp_path)
+    assert result.rc == 0, str(result)
+    runs = result.json()
+    assert [(r["name"], r["test_accuracy"]) for r in runs] == [
+        ("c", 0.9),
+        ("a", 0.5),
+        ("b", None),
+    ]
+    assert runs[0]["test_accuracy_from"] == "final_test"
+
+
+def test_runs_without_the_folder_is_one_line(tmp_path):
+    result = run_command([CLI, "runs", "--output-dir", tmp_path / "nothing"], cwd=tmp_path)
+    assert_one_line_error(result, f"no folder {tmp_path / 'nothing'}")
