@@ -66,9 +66,9 @@ def eval_split(data_dir: str, split: str, config: dict) -> Split:
     return valid
 
 
-def evaluate_and_report(
-    accelerator, path, model, meta, images: Split, split, batch_size, tta, as_json, figures_dir
-) -> int:
+def on_device(accelerator, model, images: Split):
+    """(model, EvalSet): the model moved to this rank's device, and this rank's shard of the
+    images there."""
     channels_last = True  # faster convolutions on GPUs and on oneDNN CPUs alike
     eval_set = EvalSet(
         images,
@@ -80,6 +80,22 @@ def evaluate_and_report(
     model = model.to(accelerator.device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    return model, eval_set
+
+
+def checkpoint_metrics(
+    accelerator, model, images: Split, batch_size: int, tta: bool = False
+) -> EvalResult:
+    """Exact loss, accuracy and confusion matrix of `model` on `images`: each rank evaluates
+    its own shard and one all-reduce adds them up (the same figures on 1 or N processes)."""
+    model, eval_set = on_device(accelerator, model, images)
+    return evaluate(model, eval_set, accelerator, batch_size, tta=tta)
+
+
+def evaluate_and_report(
+    accelerator, path, model, meta, images: Split, split, batch_size, tta, as_json, figures_dir
+) -> int:
+    model, eval_set = on_device(accelerator, model, images)
     result = evaluate(model, eval_set, accelerator, batch_size, tta=tta)
     if figures_dir is not None:
         mistakes = most_confident_mistakes(
