@@ -38,6 +38,7 @@ from .engine import (
     train_one_epoch,
 )
 from .errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, TrainingDiverged, UserError
+from .final_test import run_final_test
 from .hardware import describe, thread_note
 from .models import count_parameters
 from .preemption import StopRequest
@@ -103,11 +104,16 @@ def run_training(accelerator, explicit: dict[str, Any]) -> int:
     finally:
         stop_request.uninstall()
     outputs.write_summary(s, end.status, end.detail, end.epoch)
+    test_line = None
+    if end.exit_code == EXIT_OK and cfg.final_test:  # adds final_test to summary.json
+        test_line = run_final_test(accelerator, s.run_dir, cfg.data_dir, cfg.eval_batch_size)
     record_run_end(s.accelerator, s.run_dir, end.status, reporter.print)  # figures, HParams
     if end.exit_code == EXIT_DIVERGED:
         raise TrainingDiverged(end.detail)  # one line on stderr, exit code 3
     if end.detail:
         reporter.print(end.detail)
+    if test_line:
+        reporter.print(test_line)
     if end.exit_code == EXIT_OK:
         best = s.best
         reporter.print(

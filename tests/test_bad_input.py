@@ -23,7 +23,7 @@ from fakedata import write_fashion_dir
 from safetensors.torch import load_file, save_file
 
 from fmnist_accel.checkpoint import METADATA_KEY, load_model_checkpoint, load_resume_state
-from fmnist_accel.data import raw_dir
+from fmnist_accel.data import ALL_FILES, raw_dir
 from fmnist_accel.errors import EXIT_DIVERGED, EXIT_USER_ERROR
 from fmnist_accel.trained_model import model_from_checkpoint
 
@@ -65,13 +65,31 @@ def test_missing_data_without_network(ws, cli):
     res = cli("train", *TRAIN_FAST, "--data-dir", empty, "--output-dir", ws.runs)
     assert_one_line_error(
         res,
-        "Fashion-MNIST files missing",
-        "download failed",
-        f"{raw_dir(empty)}/",
-        "train-images-idx3-ubyte.gz",
-        "train-labels-idx1-ubyte.gz",
+        f"Fashion-MNIST files missing from {raw_dir(empty)}/ (all four) and the download failed",
+        *(f"{name}.gz" for name in ALL_FILES),
+        "--data-dir",
     )
     check_nothing_damaged(ws, before)
+
+
+def test_missing_test_files_stop_training_before_it_starts(ws, cli):
+    """The run's final test needs the t10k files: without them training does not start
+    (after training would be too late to say so), unless the final test is turned off."""
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (raw_dir(ws.data) / name).unlink()
+    before = ws.snapshot()
+    res = cli("train", *TRAIN_FAST, "--data-dir", ws.data, "--output-dir", ws.runs)
+    line = assert_one_line_error(
+        res,
+        f"missing from {raw_dir(ws.data)}/ (t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte)",
+        "--data-dir",
+    )
+    assert not re.search(r"^epoch 1/1", res.stdout, re.M), line  # not one epoch trained
+    check_nothing_damaged(ws, before)
+    res = cli(
+        "train", *TRAIN_FAST, "--no-final-test", "--data-dir", ws.data, "--output-dir", ws.runs
+    )
+    assert res.rc == 0 and "\ntest: " not in res.stdout, str(res)
 
 
 # (A header-only file, wrong image/label counts and labels above 9: tests/test_data.py.)
