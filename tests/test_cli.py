@@ -97,7 +97,7 @@ def test_train_writes_tensorboard_scalars(tiny_run):
 def test_train_reports_progress_on_stdout(tiny_run):
     out = tiny_run.result.stdout
     assert f"run folder: {tiny_run.run_dir}" in out
-    assert "1 process(es)" in out
+    assert re.search(r"^hardware: 1 process, CPU, \d+ threads?; fp32$", out, re.M), out
     n_valid = N_TRAIN * 10000 // 60000  # the 50k/10k split, scaled to the fake data
     assert f"data: {N_TRAIN - n_valid:,} train, {n_valid:,} validation images" in out
     assert re.search(r"^epoch 1/2 \| train loss [0-9.]+", out, re.M)
