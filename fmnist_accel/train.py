@@ -160,9 +160,9 @@ def train_epochs(s: Session, stop_request: StopRequest) -> RunEnd:
     steps = s.stream.steps_per_epoch
     started = False
 
-    def on_step(step: int) -> None:
+    def on_step(step: int, loss_sum: torch.Tensor, count: int) -> None:
         nonlocal started
-        reporter.step(step)
+        reporter.step(step, loss_sum, count)
         if not started:  # this process's first step: how long the start-up took
             started = True
             if accelerator.device.type == "cuda":
@@ -174,7 +174,14 @@ def train_epochs(s: Session, stop_request: StopRequest) -> RunEnd:
     for epoch in range(s.start_epoch + 1, cfg.epochs + 1):
         epoch_started = time.perf_counter()
         epoch_data = s.stream.epoch(epoch)
-        reporter.epoch_start(epoch, cfg.epochs, steps, done=s.progress.step)
+        reporter.epoch_start(
+            epoch,
+            cfg.epochs,
+            steps,
+            done=s.progress.step,
+            images_per_step=cfg.batch_size * accelerator.num_processes,
+            may_stop_early=cfg.early_stopping and s.valid_set is not None,
+        )
         start = s.progress
         result = train_one_epoch(
             s.model,
