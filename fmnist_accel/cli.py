@@ -234,13 +234,14 @@ def runs_command(output_dir, sort, as_json):
     "image_path",
     type=click.Path(dir_okay=False),
     default=None,
-    help="A picture file (PNG, JPEG...): made greyscale, resized to 28x28.",
+    help="A picture file (PNG, JPEG...): made grey, the item cut out, padded to a square and "
+    "scaled to 28x28, the way Fashion-MNIST frames its items.",
 )
 @click.option(
-    "--invert",
-    is_flag=True,
-    help="Invert --image first: for a dark object on a light background (Fashion-MNIST is "
-    "light on dark).",
+    "--invert/--no-invert",
+    default=None,
+    help="Invert --image (Fashion-MNIST items are light on black) or keep it [default: "
+    "decided from the picture's border: a light background is inverted].",
 )
 @click.option(
     "--top",
