@@ -107,7 +107,10 @@ class Reporter:
 
 class EpochClock:
     """Speed and time left of one epoch, measured from its first finished step on (the first
-    step of a run includes one-off start-up work that would skew every estimate)."""
+    step of a run includes one-off start-up work that would skew every estimate), and shown
+    once a second of steps has been measured."""
+
+    MEASURE_SECONDS = 1.0
 
     def __init__(
         self,
@@ -142,7 +145,7 @@ class EpochClock:
     def status(self, completed: int, now: float, loss: float | None) -> str:
         parts = [f"loss {loss:.4f}"] if loss is not None else []
         step0, t0 = self.first or (completed, now)
-        if completed > step0 and now > t0:
+        if completed > step0 and now - t0 >= self.MEASURE_SECONDS:
             seconds_per_step = (now - t0) / (completed - step0)
             if self.images_per_step:
                 parts.append(f"{self.images_per_step / seconds_per_step:,.0f} img/s")

@@ -149,6 +149,18 @@ def test_the_bar_shows_loss_speed_and_time_left_for_the_epoch_then_the_run():
     )
 
 
+def test_no_estimate_before_a_second_of_steps_is_measured():
+    now = FakeClock()
+    reporter, screen = terminal_reporter(now)
+    reporter.epoch_start(1, 1, 100, images_per_step=64)
+    shown = []
+    for step in range(1, 6):  # 0.3 s a step; the first one only starts the measurement
+        now.t += 0.3
+        reporter.step(step, DeviceLoss(64.0 * step), 64 * step)
+        shown.append("left" in screen.getvalue())
+    assert shown == [False, False, False, False, True]  # 1.2 s after the first step
+
+
 def test_clock_format():
     assert [clock(s) for s in (0, 7.4, 59.6, 750, 3723)] == [
         "0:00",
