@@ -6,7 +6,8 @@ import signal
 import subprocess
 
 import pytest
-from conftest import CLI, cli_env
+from conftest import BIN, CLI, cli_env, run_command
+from launching import REPO
 
 
 def test_bare_command_shows_its_help(cli):
@@ -48,3 +49,26 @@ def test_closed_pipe_ends_quietly_like_other_tools(args, tiny_run, tmp_path):
     status, stderr = run_into_closed_pipe(args, tmp_path)
     assert stderr == ""
     assert status == -signal.SIGPIPE
+
+
+def test_the_one_process_launch_config_needs_no_accelerate_config_and_is_quiet(tmp_path):
+    """`accelerate launch -q --config_file launch_configs/one_process.yaml`, with no
+    accelerate config of the user's: the run's one error line is all there is on stderr (no
+    "values were not passed" warning, no threads note, no launcher traceback)."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = cli_env(HF_HOME=str(tmp_path / "no-accelerate-config"))
+    env.pop("OMP_NUM_THREADS")  # as a user's shell has it: a CPU config would make a note
+    res = run_command(
+        [
+            BIN / "accelerate", "launch", "-q",
+            "--config_file", REPO / "launch_configs" / "one_process.yaml",
+            "-m", "fmnist_accel.train", "--data-dir", empty,
+        ],
+        cwd=tmp_path,
+        env=env,
+    )  # fmt: skip
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, str(res)
+    assert lines[0].startswith("python -m fmnist_accel.train: error: Fashion-MNIST files missing")
+    assert res.rc == 1  # the launcher's status for any failed run (the run itself exits 2)
