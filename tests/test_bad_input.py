@@ -20,7 +20,9 @@ import pytest
 import torch
 from conftest import CLI, N_TEST, N_TRAIN, assert_one_line_error, file_digests, run_command
 from fakedata import write_fashion_dir
+from PIL import Image
 from safetensors.torch import load_file, save_file
+from test_picture import png_bytes
 
 from fmnist_accel.checkpoint import METADATA_KEY, load_model_checkpoint, load_resume_state
 from fmnist_accel.data import ALL_FILES, raw_dir
@@ -306,6 +308,24 @@ def test_unreadable_picture(ws, cli):
     before = ws.snapshot()
     res = cli("predict", "best", "--run-dir", ws.existing, "--image", picture)
     assert_one_line_error(res, f"cannot read {picture} as a picture")
+    check_nothing_damaged(ws, before)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "too-large"])
+def test_unusable_picture(ws, cli, kind):
+    """A PNG cut short, and one whose header promises more pixels than Pillow opens safely
+    (its guard against decompression bombs)."""
+    picture = ws.root / f"{kind}.png"
+    if kind == "truncated":
+        Image.fromarray(torch.full((50, 40), 200, dtype=torch.uint8).numpy()).save(picture)
+        picture.write_bytes(picture.read_bytes()[:-30])
+        expected = f"cannot read {picture} as a picture (OSError: image file is truncated"
+    else:
+        picture.write_bytes(png_bytes(20000, 20000))
+        expected = f"{picture} is too large to open safely: more than 89,478,485 pixels"
+    before = ws.snapshot()
+    res = cli("predict", "best", "--run-dir", ws.existing, "--image", picture)
+    assert_one_line_error(res, expected)
     check_nothing_damaged(ws, before)
 
 
