@@ -7,6 +7,7 @@ definition. torch is imported only inside the commands: `fmnist-accel --help` st
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import sys
@@ -233,13 +234,14 @@ def runs_command(output_dir, sort, as_json):
     "image_path",
     type=click.Path(dir_okay=False),
     default=None,
-    help="A picture file (PNG, JPEG...): made greyscale, resized to 28x28.",
+    help="A picture file (PNG, JPEG...): made grey, the item cut out, padded to a square and "
+    "scaled to 28x28, the way Fashion-MNIST frames its items.",
 )
 @click.option(
-    "--invert",
-    is_flag=True,
-    help="Invert --image first: for a dark object on a light background (Fashion-MNIST is "
-    "light on dark).",
+    "--invert/--no-invert",
+    default=None,
+    help="Invert --image (Fashion-MNIST items are light on black) or keep it [default: "
+    "decided from the picture's border: a light background is inverted].",
 )
 @click.option(
     "--top",
@@ -279,18 +281,81 @@ def predict_command(
 
 
 def run_cli(command: click.Command, argv: list[str] | None, prog_name: str) -> None:
-    """Run a click command; any user error becomes one line on stderr and a non-zero exit."""
+    """Run a click command; any user error becomes one line on stderr and a non-zero exit.
+
+    click's own main() is not used: it turns a closed stdout pipe into a silent exit 1 and
+    a bare `fmnist-accel` into an error. Here a closed pipe (`fmnist-accel eval best | head`)
+    ends the process the way other command-line tools end, by SIGPIPE, and a bare command
+    group prints its help.
+    """
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        code = command.main(args=argv, prog_name=prog_name, standalone_mode=False) or 0
+        code = _invoke(command, args, prog_name)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        if not _stdout_is_a_pipe():
+            raise  # not the reader of our output going away: a bug worth its traceback
+        _die_of_closed_pipe()
+    _exit(code)
+
+
+def _invoke(command: click.Command, args: list[str], prog_name: str) -> int:
+    try:
+        with command.make_context(prog_name, args) as ctx:
+            _let_closed_pipes_through_rich()
+            return command.invoke(ctx) or 0
+    except _NO_ARGS_IS_HELP as exc:  # a bare `fmnist-accel`: its help, as --help shows it
+        click.echo(exc.ctx.get_help())
+        return 0
+    except click.exceptions.Exit as exc:  # --help, --version
+        return exc.exit_code
     except click.ClickException as exc:
         _error_line(prog_name, exc.format_message())
-        code = exc.exit_code if exc.exit_code else EXIT_USER_ERROR
-    except click.Abort:
-        code = 130
+        return exc.exit_code if exc.exit_code else EXIT_USER_ERROR
+    except (click.Abort, KeyboardInterrupt):
+        print(file=sys.stderr)  # ends the terminal's ^C echo line
+        return 130
     except UserError as exc:
         _error_line(prog_name, str(exc))
-        code = exc.exit_code
-    _exit(code)
+        return exc.exit_code
+
+
+# click 8.2 raises this for a group called without a command; older click exits 0 itself.
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+def _let_closed_pipes_through_rich() -> None:
+    """rich exits 1 when stdout's reader has gone (Console.on_broken_pipe, which rich means
+    to be overridden): let the error reach run_cli instead, which ends as other tools do.
+    Only once a command runs: --help stays free of the import."""
+    from rich.console import Console
+
+    def pass_on(console) -> None:
+        raise BrokenPipeError(errno.EPIPE, "the reader of stdout has gone")
+
+    Console.on_broken_pipe = pass_on
+
+
+def _stdout_is_a_pipe() -> bool:
+    import stat
+
+    try:
+        mode = os.fstat(sys.stdout.fileno()).st_mode
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+def _die_of_closed_pipe() -> None:
+    """The reader of stdout went away: end silently, killed by SIGPIPE as `cat` or `ls`
+    would be (the shell reports 141). Python ignores SIGPIPE so that sockets raise instead,
+    which is why this is done by hand, and only here."""
+    import signal
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # nothing left to flush into the closed pipe
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGPIPE)
 
 
 def _exit(code: int) -> None:

@@ -161,6 +161,12 @@ class TrainConfig:
         "and TensorBoard): for learning curves and benchmarks. Never used to pick checkpoints "
         "or to stop.",
     )
+    final_test: bool = option(
+        True,
+        "At the end of training, evaluate the best checkpoint (the last one for a run without "
+        "a validation split) on the test set: one line, and final_test in summary.json. "
+        "Measured after every decision of the run: never used to choose or stop.",
+    )
 
     # --- outputs --------------------------------------------------------------------------------
     output_dir: str = option("runs", "Folder that holds one sub-folder per run.")
@@ -207,6 +213,7 @@ RESUMABLE_OVERRIDES = frozenset(
         "resume",
         "compile",
         "eval_batch_size",
+        "final_test",  # what is reported at the end, not how the run trains
         "mixed_precision",  # e.g. resuming on other hardware; never changed silently
     }
 )

@@ -3,12 +3,13 @@ epoch elsewhere (SLURM logs, CI). Only the main process shows anything."""
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 _IMPORTED_AT = time.time()
 
@@ -28,13 +29,23 @@ def epoch_line(record: dict, epochs: int) -> str:
 
 
 class Reporter:
-    def __init__(self, is_main: bool):
+    """The main process's output. On a terminal, a progress bar per epoch with the running
+    training loss, images/s and the time left; elsewhere only the epoch lines."""
+
+    # The bar is redrawn at most this often, and only then is the running loss read from the
+    # device: the step loop itself never waits for the device.
+    REFRESH_SECONDS = 0.25
+
+    def __init__(self, is_main: bool, now=time.monotonic):
         self.enabled = is_main
+        self.now = now  # the clock of the bar's estimates
         # Plain text when not on a terminal: no colour codes or bar redraws in log files.
         self.console = Console(file=sys.stdout, highlight=False)
         self.live = self.enabled and self.console.is_terminal
         self._progress: Progress | None = None
         self._task = None
+        self._clock = EpochClock()
+        self._epoch_seconds: float | None = None  # of the latest whole epoch, for the run's time
 
     def print(self, message: str) -> None:
         if self.enabled:
@@ -42,30 +53,116 @@ class Reporter:
             if not self.live:
                 sys.stdout.flush()
 
-    def epoch_start(self, epoch: int, epochs: int, steps: int, done: int = 0) -> None:
+    def epoch_start(
+        self,
+        epoch: int,
+        epochs: int,
+        steps: int,
+        done: int = 0,
+        images_per_step: int = 0,
+        may_stop_early: bool = False,
+    ) -> None:
         if not self.live:
             return
+        self._clock = EpochClock(
+            epoch, epochs, steps, done, images_per_step, may_stop_early, self._epoch_seconds
+        )
+        self._clock.opened = self.now()
         self._progress = Progress(
             TextColumn(f"epoch {epoch}/{epochs}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
             console=self.console,
             transient=True,
+            auto_refresh=False,  # redrawn by step(), never by a thread of its own
         )
         self._progress.start()
-        self._task = self._progress.add_task("train", total=steps, completed=done)
+        self._task = self._progress.add_task("train", total=steps, completed=done, status="")
+        self._progress.refresh()
 
-    def step(self, completed: int) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, completed=completed)
+    def step(self, completed: int, loss_sum=None, count: int = 0) -> None:
+        """After each training step. loss_sum: this epoch's summed training loss so far on
+        this rank (a device tensor), count: its number of images."""
+        if self._progress is None:
+            return
+        now = self.now()
+        if not self._clock.due(completed, now, self.REFRESH_SECONDS):
+            return
+        loss = float(loss_sum) / count if loss_sum is not None and count else None
+        self._progress.update(
+            self._task, completed=completed, status=self._clock.status(completed, now, loss)
+        )
+        self._progress.refresh()
 
     def epoch_end(self, record: dict | None, epochs: int) -> None:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+            if record is not None and self._clock.started_at_step == 0:
+                self._epoch_seconds = self.now() - self._clock.opened
         if record is not None:
             self.print(epoch_line(record, epochs))
+
+
+class EpochClock:
+    """Speed and time left of one epoch, measured from its first finished step on (the first
+    step of a run includes one-off start-up work that would skew every estimate), and shown
+    once a second of steps has been measured."""
+
+    MEASURE_SECONDS = 1.0
+
+    def __init__(
+        self,
+        epoch: int = 0,
+        epochs: int = 0,
+        steps: int = 0,
+        done: int = 0,
+        images_per_step: int = 0,
+        may_stop_early: bool = False,
+        epoch_seconds: float | None = None,
+    ):
+        self.epoch, self.epochs, self.steps = epoch, epochs, steps
+        self.started_at_step = done
+        self.images_per_step = images_per_step
+        self.may_stop_early = may_stop_early
+        self.epoch_seconds = epoch_seconds
+        self.opened = 0.0  # when the epoch started
+        self.first: tuple[int, float] | None = None  # (step, time) of the first step seen
+        self.last_refresh = -math.inf
+
+    def due(self, completed: int, now: float, every: float) -> bool:
+        """Whether to redraw now: the first step, the last one, and then every `every` s."""
+        if self.first is None:
+            self.first = (completed, now)
+            self.last_refresh = now
+            return True
+        if completed < self.steps and now - self.last_refresh < every:
+            return False
+        self.last_refresh = now
+        return True
+
+    def status(self, completed: int, now: float, loss: float | None) -> str:
+        parts = [f"loss {loss:.4f}"] if loss is not None else []
+        step0, t0 = self.first or (completed, now)
+        if completed > step0 and now - t0 >= self.MEASURE_SECONDS:
+            seconds_per_step = (now - t0) / (completed - step0)
+            if self.images_per_step:
+                parts.append(f"{self.images_per_step / seconds_per_step:,.0f} img/s")
+            epoch_left = (self.steps - completed) * seconds_per_step
+            parts.append(f"epoch {clock(epoch_left)} left")
+            if self.epoch_seconds is not None and self.epoch < self.epochs:
+                run_left = epoch_left + (self.epochs - self.epoch) * self.epoch_seconds
+                bound = "at most " if self.may_stop_early else ""
+                parts.append(f"run {bound}{clock(run_left)} left")
+        return " | ".join(parts)
+
+
+def clock(seconds: float) -> str:
+    """0:07, 12:30, 1:02:03."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 def seconds_since_process_start() -> float:

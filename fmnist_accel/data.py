@@ -40,6 +40,7 @@ FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+ALL_FILES = (*FILES["train"], *FILES["test"])
 SPLIT_SIZES = {"train": 60000, "test": 10000}
 IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
 LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
@@ -76,6 +77,18 @@ def missing_files(data_dir: str | os.PathLike, split: str) -> list[str]:
     return [name for name in FILES[split] if find_file(data_dir, name) is None]
 
 
+def missing_message(data_dir: str | os.PathLike, missing: list[str], why: str = "") -> str:
+    """One line for a user whose data folder lacks files: which ones, where they were looked
+    for, all four a data folder needs, and --data-dir."""
+    which = "all four" if len(missing) == len(ALL_FILES) else ", ".join(missing)
+    needed = ", ".join(f"{name}.gz" for name in ALL_FILES)
+    return (
+        f"Fashion-MNIST files missing from {raw_dir(data_dir)}/ ({which}){why}: put {needed} "
+        "(or the unpacked files) there, or point --data-dir at the folder that holds "
+        "FashionMNIST/raw/"
+    )
+
+
 def download(data_dir: str | os.PathLike, names: list[str]) -> None:
     """Fetch the named files (as .gz) with torchvision's mirrors and MD5 sums.
 
@@ -85,14 +98,11 @@ def download(data_dir: str | os.PathLike, names: list[str]) -> None:
     from torchvision.datasets.utils import download_url
 
     folder = raw_dir(data_dir)
-    wanted = ", ".join(f"{n}.gz" for n in names)
-    hint = f"put {wanted} (or the unpacked files) into {folder}/"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserError(
-            f"Fashion-MNIST files missing and {folder} cannot be created ({exc.strerror}): {hint}"
-        ) from None
+        why = f" and that folder cannot be created ({exc.strerror})"
+        raise UserError(missing_message(data_dir, names, why)) from None
     checksums = dict(FashionMNIST.resources)
     for name in names:
         archive = f"{name}.gz"
@@ -107,9 +117,16 @@ def download(data_dir: str | os.PathLike, names: list[str]) -> None:
                 errors.append(f"{mirror}: {type(exc).__name__}")
                 (folder / archive).unlink(missing_ok=True)
         else:
-            raise UserError(
-                f"Fashion-MNIST files missing and the download failed ({'; '.join(errors)}): {hint}"
-            )
+            why = f" and the download failed ({'; '.join(errors)})"
+            raise UserError(missing_message(data_dir, names, why))
+
+
+def ensure_files(data_dir: str | os.PathLike, splits: tuple[str, ...] = ("train", "test")) -> None:
+    """Download whatever files of `splits` are missing, all at once: a run that will need the
+    test files later fails now, naming every missing file, rather than after training."""
+    missing = [name for split in splits for name in missing_files(data_dir, split)]
+    if missing:
+        download(data_dir, missing)
 
 
 def read_idx(path: Path, magic: int, shape_tail: tuple[int, ...]) -> torch.Tensor:
@@ -149,10 +166,7 @@ def load_split(data_dir: str | os.PathLike, split: str, allow_download: bool = T
     missing = missing_files(data_dir, split)
     if missing:
         if not allow_download:
-            raise UserError(
-                f"Fashion-MNIST files missing: put {', '.join(missing)}[.gz] into "
-                f"{raw_dir(data_dir)}/"
-            )
+            raise UserError(missing_message(data_dir, missing))
         download(data_dir, missing)
     image_name, label_name = FILES[split]
     images = read_idx(find_file(data_dir, image_name), IMAGES_MAGIC, (IMAGE_SIZE, IMAGE_SIZE))

@@ -63,10 +63,12 @@ def train_one_epoch(
     step_scheduler=None,
     ema: WeightEMA | None = None,
     stop_requested: Callable[[], bool] = lambda: False,
-    on_step: Callable[[int], None] = lambda step: None,
+    on_step: Callable[[int, torch.Tensor, int], None] = lambda step, loss_sum, count: None,
 ) -> EpochResult:
     """Run steps start.step .. steps-1 of one epoch; stop early if any rank asks to.
-    on_step(steps done) is for reporting progress; it changes nothing that is trained."""
+    on_step(step, loss_sum, count) is for reporting progress and changes nothing that is
+    trained: the steps done, and this rank's summed training loss of the epoch so far (a
+    device tensor: reading it waits for the device) over `count` images."""
     model.train()
     device = accelerator.device
     loss_sum = torch.tensor(start.loss_sum, device=device, dtype=torch.float64)
@@ -89,7 +91,7 @@ def train_one_epoch(
         loss_sum.add_(loss.detach(), alpha=len(y))  # one kernel; summed in float64
         count += len(y)
         step += 1
-        on_step(step)
+        on_step(step, loss_sum, count)  # loss_sum stays on the device: read it rarely
         # Alone, a process reads its own stop flag after every step for free; ranks must
         # agree on the step, so they meet every CHECK_EVERY steps.
         alone_and_stopped = accelerator.num_processes == 1 and stop_requested()

@@ -86,13 +86,30 @@ def keep_large_allocations_in_heap() -> int:
     return 0
 
 
+PRECISION_WORDS = {"no": "fp32", "fp16": "fp16 mixed precision", "bf16": "bf16 mixed precision"}
+
+
 def describe(accelerator) -> str:
-    n = torch.get_num_threads()
-    threads = f" ({n} thread{'s' if n > 1 else ''})" if accelerator.device.type == "cpu" else ""
-    return (
-        f"{accelerator.distributed_type.value}, {accelerator.num_processes} process(es), "
-        f"device {accelerator.device}{threads}, mixed precision {accelerator.mixed_precision}"
-    )
+    """The hardware in words a user knows: '1 process, CPU, 2 threads; fp32',
+    '2 processes, CPU (gloo), 1 thread each; fp32', '1 GPU: NVIDIA H100 80GB HBM3; bf16 mixed
+    precision', '16 GPUs on 2 machines: NVIDIA H100 80GB HBM3 (nccl); ...'."""
+    n = accelerator.num_processes
+    device = accelerator.device
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", n) or n)
+    machines = f" on {n // local} machines" if 0 < local < n else ""
+    processes = f"{n} process{'es' if n > 1 else ''}{machines}"
+    backend = f" ({accelerator.state.backend})" if n > 1 and accelerator.state.backend else ""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        what = f"1 GPU: {name}" if n == 1 else f"{n} GPUs{machines}: {name}{backend}"
+    elif device.type == "cpu":
+        threads = torch.get_num_threads()
+        each = " each" if n > 1 else ""
+        what = f"{processes}, CPU{backend}, {threads} thread{'s' if threads > 1 else ''}{each}"
+    else:  # mps, xpu, ...
+        what = f"{processes}, {device.type.upper()}{backend}"
+    precision = accelerator.mixed_precision
+    return f"{what}; {PRECISION_WORDS.get(precision, precision)}"
 
 
 def thread_note(accelerator) -> str | None:

@@ -1,7 +1,7 @@
 """The seed's three models and a ResNet-9, by name.
 
 Every model takes normalised images of shape (N, 1, 28, 28) and returns (N, 10) logits.
-The layer shapes of mlp, cnn and cnn-bn follow the seed (docs/architecture.md), including its
+The layer shapes of mlp, cnn and cnn-bn follow the seed (docs/original-recipe.md), including its
 quirks (no activation between the two fully connected layers of the CNNs), with one bug
 fixed: the seed's cnn-bn called F.dropout(x, 0.5), which stays on in eval mode; here it is
 an nn.Dropout module, so model.eval() turns it off.

@@ -10,22 +10,9 @@ import torch
 from .data import CLASS_NAMES, load_split
 from .device_data import normalise
 from .errors import UserError
+from .picture import read_picture
 from .rundir import resolve_checkpoint
 from .trained_model import data_dir_for, model_from_checkpoint
-
-
-def read_picture(path: str, invert: bool) -> torch.Tensor:
-    """A picture file as uint8 (28, 28): greyscale, resized, optionally inverted."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as img:
-            grey = img.convert("L").resize((28, 28), Image.Resampling.BILINEAR)
-    except (OSError, UnidentifiedImageError) as exc:
-        raise UserError(f"cannot read {path} as a picture ({type(exc).__name__})") from None
-    if invert:
-        grey = ImageOps.invert(grey)
-    return torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8).view(28, 28)
 
 
 def run_predict(
@@ -35,14 +22,14 @@ def run_predict(
     data_dir: str | None,
     index: int | None,
     image_path: str | None,
-    invert: bool,
+    invert: bool | None,
     top: int,
     save_path: str | None,
     as_json: bool,
 ) -> int:
     path = resolve_checkpoint(checkpoint, run_dir, output_dir)
     model, meta = model_from_checkpoint(path)
-    true_label = None
+    true_label, picture = None, None
     if index is not None:
         test = load_split(data_dir_for(meta, data_dir), "test")
         if index >= len(test):
@@ -50,8 +37,8 @@ def run_predict(
         image, true_label = test.images[index], int(test.labels[index])
         source = f"test image {index}"
     else:
-        image = read_picture(image_path, invert)
-        source = image_path
+        picture = read_picture(image_path, invert)
+        image, source = picture.image, image_path
     with torch.no_grad():
         probs = model(normalise(image[None])).softmax(1)[0]
     values, classes = probs.topk(top)
@@ -67,12 +54,16 @@ def run_predict(
         "top": [{"class": name, "probability": p} for name, p in ranking],
         "true_class": CLASS_NAMES[true_label] if true_label is not None else None,
     }
+    if picture is not None:
+        result.update(background=picture.background, inverted=picture.inverted)
     if save_path:
         save_figure(image, result, Path(save_path))
         result["figure"] = save_path
     if as_json:
         print(json.dumps(result))
     else:
+        if picture is not None:
+            print(f"{source}: {picture.describe()}")
         print(
             f"{source}: {result['predicted_class']} ({result['probability']:.1%})"
             + (f", true class {result['true_class']}" if true_label is not None else "")

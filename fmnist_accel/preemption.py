@@ -47,15 +47,19 @@ class StopRequest:
         if self.signum is not None:
             if time.monotonic() - self._first_at < DUPLICATE_WINDOW_S:
                 return
-            os.write(
-                2, f"second stop signal ({signal.Signals(signum).name}): exiting now\n".encode()
-            )
+            _say(f"second stop signal ({signal.Signals(signum).name}): exiting now")
             os._exit(128 + signum)
         self.signum = signum
         self._first_at = time.monotonic()
-        # os.write, not print: a handler may interrupt a print in progress.
-        os.write(
-            2,
+        _say(
             f"{WHO}received {signal.Signals(signum).name}: finishing the current step and saving "
-            "the resume state; send it again to exit at once\n".encode(),
+            "the resume state; send it again to exit at once"
         )
+
+
+def _say(message: str) -> None:
+    """One line on stderr, from a signal handler: os.write, not print, since the handler may
+    interrupt a print in progress. On a terminal the line first clears the line the cursor is
+    on: the progress bar and the terminal's ^C echo, which would otherwise run into it."""
+    clear = "\r\x1b[2K" if os.isatty(2) else ""
+    os.write(2, f"{clear}{message}\n".encode())

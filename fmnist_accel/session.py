@@ -17,7 +17,7 @@ from torch import nn
 from . import rundir
 from .config import TrainConfig
 from .console import Reporter
-from .data import load_split, train_valid_split
+from .data import ensure_files, load_split, train_valid_split
 from .decisions import BestTracker, EarlyStopping, make_schedulers
 from .device_data import EvalSet, TrainStream
 from .ema import WeightEMA
@@ -115,8 +115,12 @@ def load_data(accelerator, cfg: TrainConfig):
     a rank that raised inside local_main_process_first would leave the others in its barrier."""
     from accelerate.utils import gather_object
 
+    needs_test = cfg.test_every_epoch or cfg.final_test
+
     def attempt():
         try:
+            # Every file the run will read, the final test's included, before it starts.
+            ensure_files(cfg.data_dir, ("train", "test") if needs_test else ("train",))
             test = load_split(cfg.data_dir, "test") if cfg.test_every_epoch else None
             return (load_split(cfg.data_dir, "train"), test), None
         except UserError as exc:

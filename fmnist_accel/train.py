@@ -38,6 +38,7 @@ from .engine import (
     train_one_epoch,
 )
 from .errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, TrainingDiverged, UserError
+from .final_test import run_final_test
 from .hardware import describe, thread_note
 from .models import count_parameters
 from .preemption import StopRequest
@@ -103,11 +104,16 @@ def run_training(accelerator, explicit: dict[str, Any]) -> int:
     finally:
         stop_request.uninstall()
     outputs.write_summary(s, end.status, end.detail, end.epoch)
+    test_line = None
+    if end.exit_code == EXIT_OK and cfg.final_test:  # adds final_test to summary.json
+        test_line = run_final_test(accelerator, s.run_dir, cfg.data_dir, cfg.eval_batch_size)
     record_run_end(s.accelerator, s.run_dir, end.status, reporter.print)  # figures, HParams
     if end.exit_code == EXIT_DIVERGED:
         raise TrainingDiverged(end.detail)  # one line on stderr, exit code 3
     if end.detail:
         reporter.print(end.detail)
+    if test_line:
+        reporter.print(test_line)
     if end.exit_code == EXIT_OK:
         best = s.best
         reporter.print(
@@ -154,9 +160,9 @@ def train_epochs(s: Session, stop_request: StopRequest) -> RunEnd:
     steps = s.stream.steps_per_epoch
     started = False
 
-    def on_step(step: int) -> None:
+    def on_step(step: int, loss_sum: torch.Tensor, count: int) -> None:
         nonlocal started
-        reporter.step(step)
+        reporter.step(step, loss_sum, count)
         if not started:  # this process's first step: how long the start-up took
             started = True
             if accelerator.device.type == "cuda":
@@ -168,7 +174,14 @@ def train_epochs(s: Session, stop_request: StopRequest) -> RunEnd:
     for epoch in range(s.start_epoch + 1, cfg.epochs + 1):
         epoch_started = time.perf_counter()
         epoch_data = s.stream.epoch(epoch)
-        reporter.epoch_start(epoch, cfg.epochs, steps, done=s.progress.step)
+        reporter.epoch_start(
+            epoch,
+            cfg.epochs,
+            steps,
+            done=s.progress.step,
+            images_per_step=cfg.batch_size * accelerator.num_processes,
+            may_stop_early=cfg.early_stopping and s.valid_set is not None,
+        )
         start = s.progress
         result = train_one_epoch(
             s.model,

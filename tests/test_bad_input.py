@@ -20,10 +20,12 @@ import pytest
 import torch
 from conftest import CLI, N_TEST, N_TRAIN, assert_one_line_error, file_digests, run_command
 from fakedata import write_fashion_dir
+from PIL import Image
 from safetensors.torch import load_file, save_file
+from test_picture import png_bytes
 
 from fmnist_accel.checkpoint import METADATA_KEY, load_model_checkpoint, load_resume_state
-from fmnist_accel.data import raw_dir
+from fmnist_accel.data import ALL_FILES, raw_dir
 from fmnist_accel.errors import EXIT_DIVERGED, EXIT_USER_ERROR
 from fmnist_accel.trained_model import model_from_checkpoint
 
@@ -65,13 +67,31 @@ def test_missing_data_without_network(ws, cli):
     res = cli("train", *TRAIN_FAST, "--data-dir", empty, "--output-dir", ws.runs)
     assert_one_line_error(
         res,
-        "Fashion-MNIST files missing",
-        "download failed",
-        f"{raw_dir(empty)}/",
-        "train-images-idx3-ubyte.gz",
-        "train-labels-idx1-ubyte.gz",
+        f"Fashion-MNIST files missing from {raw_dir(empty)}/ (all four) and the download failed",
+        *(f"{name}.gz" for name in ALL_FILES),
+        "--data-dir",
     )
     check_nothing_damaged(ws, before)
+
+
+def test_missing_test_files_stop_training_before_it_starts(ws, cli):
+    """The run's final test needs the t10k files: without them training does not start
+    (after training would be too late to say so), unless the final test is turned off."""
+    for name in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (raw_dir(ws.data) / name).unlink()
+    before = ws.snapshot()
+    res = cli("train", *TRAIN_FAST, "--data-dir", ws.data, "--output-dir", ws.runs)
+    line = assert_one_line_error(
+        res,
+        f"missing from {raw_dir(ws.data)}/ (t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte)",
+        "--data-dir",
+    )
+    assert not re.search(r"^epoch 1/1", res.stdout, re.M), line  # not one epoch trained
+    check_nothing_damaged(ws, before)
+    res = cli(
+        "train", *TRAIN_FAST, "--no-final-test", "--data-dir", ws.data, "--output-dir", ws.runs
+    )
+    assert res.rc == 0 and "\ntest: " not in res.stdout, str(res)
 
 
 # (A header-only file, wrong image/label counts and labels above 9: tests/test_data.py.)
@@ -288,6 +308,24 @@ def test_unreadable_picture(ws, cli):
     before = ws.snapshot()
     res = cli("predict", "best", "--run-dir", ws.existing, "--image", picture)
     assert_one_line_error(res, f"cannot read {picture} as a picture")
+    check_nothing_damaged(ws, before)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "too-large"])
+def test_unusable_picture(ws, cli, kind):
+    """A PNG cut short, and one whose header promises more pixels than Pillow opens safely
+    (its guard against decompression bombs)."""
+    picture = ws.root / f"{kind}.png"
+    if kind == "truncated":
+        Image.fromarray(torch.full((50, 40), 200, dtype=torch.uint8).numpy()).save(picture)
+        picture.write_bytes(picture.read_bytes()[:-30])
+        expected = f"cannot read {picture} as a picture (OSError: image file is truncated"
+    else:
+        picture.write_bytes(png_bytes(20000, 20000))
+        expected = f"{picture} is too large to open safely: more than 89,478,485 pixels"
+    before = ws.snapshot()
+    res = cli("predict", "best", "--run-dir", ws.existing, "--image", picture)
+    assert_one_line_error(res, expected)
     check_nothing_damaged(ws, before)
 
 

@@ -14,9 +14,11 @@ from conftest import N_TEST, N_TRAIN, listing, one_line
 from fakedata import fake_split, idx_bytes, write_fashion_dir
 
 from fmnist_accel.data import (
+    ALL_FILES,
     IMAGES_MAGIC,
     LABELS_MAGIC,
     Split,
+    ensure_files,
     load_split,
     raw_dir,
     read_idx,
@@ -221,14 +223,21 @@ def no_network(monkeypatch):
 def test_missing_files_and_failed_download_name_files_and_folder(tmp_path, no_network):
     started = time.monotonic()
     with pytest.raises(UserError) as exc:
-        load_split(tmp_path / "nothing", "train")
+        ensure_files(tmp_path / "nothing")  # what training checks before it starts
     message = one_line(exc)
     assert time.monotonic() - started < 10
     folder = raw_dir(tmp_path / "nothing")
+    assert message.startswith(f"Fashion-MNIST files missing from {folder}/ (all four) and ")
     assert "download failed" in message
-    assert f"{folder}/" in message
-    assert "train-images-idx3-ubyte.gz" in message and "train-labels-idx1-ubyte.gz" in message
+    # A new user learns in one line every file the folder needs, and where else to point.
+    for name in ALL_FILES:
+        assert f"{name}.gz" in message
+    assert "--data-dir" in message
     assert not any(folder.iterdir())  # no partial download left behind
+    # Reading one split names that split's files as the missing ones.
+    with pytest.raises(UserError) as exc:
+        load_split(tmp_path / "nothing", "train")
+    assert "/ (train-images-idx3-ubyte, train-labels-idx1-ubyte) and " in one_line(exc)
 
 
 def test_only_the_missing_file_is_named(tmp_path, no_network):
@@ -237,8 +246,9 @@ def test_only_the_missing_file_is_named(tmp_path, no_network):
     with pytest.raises(UserError) as exc:
         load_split(root, "test")
     message = one_line(exc)
-    assert "t10k-labels-idx1-ubyte.gz" in message
-    assert "t10k-images" not in message
+    # The missing file is the one named as missing; the folder's full contents follow.
+    assert f"missing from {raw_dir(root)}/ (t10k-labels-idx1-ubyte) and" in message
+    assert all(f"{name}.gz" in message for name in ALL_FILES)
     assert sorted(p.name for p in raw_dir(root).iterdir()) == [
         "t10k-images-idx3-ubyte.gz",
         "train-images-idx3-ubyte.gz",

@@ -55,13 +55,21 @@ def common(data_dir: Path, out: Path, name: str) -> list[str]:
 def test_cpu_launch_config_gives_real_ranks(data_dir, tmp_path):
     proc = train(2, ["--model", "mlp", "--epochs", "1", *common(data_dir, tmp_path, "r")])
     assert proc.returncode == 0, why(proc)
-    assert "MULTI_CPU, 2 process(es)" in proc.stdout
+    assert "hardware: 2 processes, CPU (gloo), " in proc.stdout
     s = summary(tmp_path / "r")
     assert s["world_size"] == 2 and s["distributed_type"] == "MULTI_CPU"
     assert [r["rank"] for r in s["ranks"]] == [0, 1]
     # Only the main process printed and wrote: one line per epoch, one metrics record.
     assert proc.stdout.count("epoch 1/1") == 1
     assert len(metrics(tmp_path / "r")) == 1
+    # The final test ran on both ranks, each on its shard of the odd-sized test set, and
+    # gives exactly what a one-process `eval` of the checkpoint gives; said once.
+    evaluated = evaluate_json(1, ["best", "--run-dir", str(tmp_path / "r")])
+    final = s["final_test"]
+    assert final["num_samples"] == evaluated["num_samples"] == N_TEST
+    assert final["accuracy"] == evaluated["accuracy"]
+    assert final["loss"] == pytest.approx(evaluated["loss"], rel=1e-6)
+    assert proc.stdout.count("\ntest: accuracy ") == 1
     events = list((tmp_path / "r" / "tensorboard").rglob("events.out.tfevents.*"))
     # events.out.tfevents.<time>.<host>.<pid>.<n> (the scalars and images) and
     # .<pid>.hparams (the HParams entry): all written by one process
@@ -225,7 +233,7 @@ def test_two_machines_on_localhost_train_together(data_dir, tmp_path):
     outs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
-    assert "2 process(es)" in outs[0][0]
+    assert "hardware: 2 processes on 2 machines, CPU (gloo)" in outs[0][0]
     s = summary(tmp_path / "mm")
     assert s["world_size"] == 2 and [r["epoch"] for r in s["ranks"]] == [2, 2]
 

@@ -171,7 +171,7 @@ def test_one_node_job_completes(cluster, data, tmp_path):
 
     log = job.log_text()
     assert "processes: 2 on CPU" in log, log  # the layout the script prints
-    assert "hardware: MULTI_CPU, 2 process(es)" in log, log  # two ranks really formed a group
+    assert "hardware: 2 processes" in log and "CPU (gloo)" in log, log  # one group of two ranks
     assert "--resume auto" in log and "new run" in log, log
     assert epoch_lines(log, 3) == [1, 2, 3], log
     assert "requeue" not in log, log

@@ -1,0 +1,74 @@
+"""The figure a training run ends with: its best checkpoint's test accuracy and loss.
+
+It is measured after the run's last decision, on the checkpoint file the run wrote, with the
+same exact multi-process evaluation as `fmnist-accel eval` (each rank its own shard of the
+test set, one all-reduce), so `eval best` of the run prints the same figures. Nothing chooses
+or stops by it. Every rank evaluates; only the main process writes it into summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import rundir
+from .checkpoint import atomic_write_text
+from .data import load_split
+from .errors import UserError
+from .evaluate import checkpoint_metrics
+from .trained_model import model_from_checkpoint
+
+SUMMARY_KEY = "final_test"
+
+
+def checkpoint_to_test(run_dir: Path) -> Path | None:
+    """best.safetensors; last.safetensors for a run without a validation split (no best)."""
+    for name in ("best", "last"):
+        path = rundir.checkpoint_path(run_dir, name)
+        if path.is_file():
+            return path
+    return None
+
+
+def run_final_test(accelerator, run_dir: Path, data_dir: str, batch_size: int) -> str:
+    """Collective: every rank must call it. Returns the line to show the user."""
+    from accelerate.utils import gather_object
+
+    accelerator.wait_for_everyone()  # the main process has written the checkpoints
+    path = checkpoint_to_test(Path(run_dir))
+    if path is None:
+        return "test: no checkpoint was written, nothing to test"
+    model, meta = model_from_checkpoint(path)
+    try:  # the test files were checked before training; an error becomes the same on all ranks
+        images, error = load_split(data_dir, "test"), None
+    except UserError as exc:
+        images, error = None, str(exc)
+    errors = [e for e in gather_object([error]) if e]
+    if errors:
+        raise UserError(errors[0])
+    result = checkpoint_metrics(accelerator, model, images, batch_size)
+    record = {
+        "checkpoint": path.name,
+        "epoch": meta.get("epoch"),
+        "accuracy": result.accuracy,
+        "loss": result.loss,
+        "num_samples": result.num_samples,
+    }
+    if accelerator.is_main_process:
+        add_to_summary(Path(run_dir), record)
+    return final_test_line(record)
+
+
+def final_test_line(record: dict) -> str:
+    return (
+        f"test: accuracy {record['accuracy']:.4f}, loss {record['loss']:.4f} "
+        f"({record['checkpoint']}, epoch {record['epoch']}, {record['num_samples']:,} images)"
+    )
+
+
+def add_to_summary(run_dir: Path, record: dict) -> None:
+    """summary.json gains `final_test`; rewritten atomically, like every file of a run."""
+    summary_path = run_dir / rundir.SUMMARY
+    summary = rundir.read_json(summary_path) or {}
+    summary[SUMMARY_KEY] = record
+    atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
