@@ -290,15 +290,16 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         out = self.run("sbatch", "--parsable", *args, env=env, cwd=cwd).stdout.strip()
         return int(out.split(";")[0])
 
-    def job(self, job_id: int) -> dict[str, str]:
-        """`scontrol show job` as a dict (JobState, ExitCode, Restarts, ...); {} when gone."""
+    def job(self, job_id: int | str) -> dict[str, str]:
+        """`scontrol show job` as a dict (JobState, ExitCode, Restarts, ...); {} when gone.
+        An array task is ARRAYID_TASK: the array's own id would show every task."""
         result = self.run("scontrol", "-o", "show", "job", str(job_id), check=False)
         if result.returncode != 0:
             return {}
         return dict(re.findall(r"(\w+)=(\S*)", result.stdout))
 
     def wait_for_job(
-        self, job_id: int, states: tuple[str, ...], timeout: float, poll: float = 0.5
+        self, job_id: int | str, states: tuple[str, ...], timeout: float, poll: float = 0.5
     ) -> dict[str, str]:
         """Wait until the job is in one of `states`; returns its record."""
         deadline = time.monotonic() + timeout
@@ -313,7 +314,7 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
             f"(now {info.get('JobState')}, reason {info.get('Reason')})"
         )
 
-    def completions(self, job_id: int) -> list[dict[str, str]]:
+    def completions(self, job_id: int | str) -> list[dict[str, str]]:
         """The job-completion records of a job (one per end, requeues included)."""
         if not self.jobcomp.exists():
             return []
