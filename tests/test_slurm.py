@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -340,6 +341,53 @@ def test_cancel_saves_on_every_machine(cluster, data, tmp_path):
         assert f"machine {rank} ({cluster.node}): SIGTERM (scancel" in log, log
     assert "SIGTERM (cancelled, preempted or out of time)" in log, log
     assert "requeueing" not in log, log
+
+
+def machine_shells(job_id: str) -> list[int]:
+    """The process ids of the job's per-machine shells (srun's tasks: `bash -c node_main...`)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (
+            len(argv) > 3
+            and argv[0].endswith(b"bash")
+            and argv[1] == b"-c"
+            and argv[3] == b"node"
+            and f"SLURM_JOB_ID={job_id}".encode() in environ
+        ):
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slurm
+def test_term_to_the_machine_shells_saves(cluster, data, tmp_path):
+    """SIGTERM to srun's tasks alone (each machine's shell), as where SLURM would end the step
+    once those die (cgroups): the shells forward it to their launchers and wait, and the
+    training saves. Without their TERM trap the shells die and nothing is saved."""
+    options = ["--epochs", "50", "--batch-size", "8", "--data-dir", str(data["slow"])]
+    job = Job.submit(
+        cluster,
+        tmp_path,
+        MULTI_NODE,
+        *TRAIN_OPTIONS,
+        *options,
+        NUM_PROCESSES="1",
+        MACHINES_PER_NODE="2",
+    )
+    job.wait_for("the first training step", lambda: first_step_done(job))
+    shells = machine_shells(job.ref)
+    assert len(shells) == 2, (shells, job.report())
+    for pid in shells:
+        os.kill(pid, signal.SIGTERM)
+    info = job.wait()
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "75:0"), job.report()
+    assert (job.run_dir / "resume.pt").is_file(), job.report()
+    assert job.epochs() == [], "epoch 1 ended before the signal: resume.pt proves nothing"
+    assert job.summary()["detail"].startswith("stopped by SIGTERM in epoch 1"), job.summary()
 
 
 @pytest.mark.slurm
@@ -721,6 +769,12 @@ def test_seed_table_grid_is_the_write_ups_three_models(tmp_path):
     result = run_lib(tmp_path, f"grid_line {SLURM_DIR / 'grids' / 'seed-table.txt'} 4")
     assert result.returncode != 0
     assert "array task 4, but" in result.stderr and "--array=1-3" in result.stderr
+
+
+@pytest.mark.parametrize("script", [LIB, ONE_NODE, MULTI_NODE, SWEEP], ids=lambda p: p.name)
+def test_script_syntax(script):
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def test_run_folder_options_are_refused(tmp_path):
