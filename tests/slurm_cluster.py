@@ -140,6 +140,24 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        self.kill_leftovers()
+
+    def kill_leftovers(self) -> list[int]:
+        """SIGKILL what the jobs left running: proctrack/linuxproc finds a job's processes by
+        their parents, so one whose parent died (a launcher whose shell was killed) outlives
+        its job. Jobs inherit SLURM_CONF from sbatch: this cluster's processes carry its own."""
+        marker = f"SLURM_CONF={self.conf}".encode()
+        killed = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) == os.getpid():
+                continue
+            try:
+                if marker in (proc / "environ").read_bytes().split(b"\0"):
+                    os.kill(int(proc.name), signal.SIGKILL)
+                    killed.append(int(proc.name))
+            except (OSError, ValueError):
+                continue
+        return killed
 
     def __enter__(self) -> SlurmCluster:
         return self.start()
