@@ -275,6 +275,7 @@ exit_meaning() {
     "$EXIT_BAD_INPUT") echo "bad input: see the error line above" ;;
     "$EXIT_DIVERGED") echo "diverged: a non-finite loss stopped the training" ;;
     "$EXIT_PREEMPTED") echo "stopped with its state saved: RUN_NAME=$RUN_NAME resumes it" ;;
+    138 | 143) echo "stopped by SIG$(kill -l $(($1 - 128))) before it saved anything" ;;
     *) echo "failed: see the messages above" ;;
     esac
 }
@@ -293,7 +294,8 @@ start_log() { # LAYOUT...: the start's first lines
 
 run_and_wait() { # CMD...: the training (or srun) in the background, waited for
     START_STATE=$(run_files_state)
-    if [[ -n $STOP ]]; then # a stop signal came during the set-up
+    if [[ -n $STOP ]]; then
+        log "the stop signal came during the set-up: the training is not started"
         CHILD_RC=$((128 + $(kill -l "$STOP")))
         return
     fi

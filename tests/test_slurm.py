@@ -265,6 +265,8 @@ def test_multinode_job_requeues_and_resumes(cluster, data, tmp_path):
     the job requeues itself, and its next start resumes the run to its end."""
     epochs = 4
     options = ["--epochs", str(epochs), "--batch-size", "16", "--data-dir", str(data["slow"])]
+    setup = tmp_path / "setup.sh"  # what a site's module loads would be: run on every machine
+    setup.write_text('echo "setup file on ${FMNIST_MACHINES:+machine $SLURM_PROCID}"\n')
     job = Job.submit(
         cluster,
         tmp_path,
@@ -273,6 +275,7 @@ def test_multinode_job_requeues_and_resumes(cluster, data, tmp_path):
         *options,
         NUM_PROCESSES="1",
         MACHINES_PER_NODE="2",
+        SETUP_FILE=str(setup),
     )
     job.wait_for("epoch 1 in metrics.jsonl", lambda: len(job.epochs()) >= 1)
     assert job.epochs() != list(range(1, epochs + 1)), "the run ended before the signal"
@@ -290,6 +293,9 @@ def test_multinode_job_requeues_and_resumes(cluster, data, tmp_path):
     assert job.summary()["status"] == "completed"
     assert job.summary()["world_size"] == 2
 
+    # The setup file ran in the batch shell and on each machine, at each start.
+    assert log.count("setup file on \n") == 2, log
+    assert log.count("0: setup file on machine 0") == log.count("1: setup file on machine 1") == 2
     # Two launchers met in a c10d rendezvous, machine 0 hosting it.
     assert "machines (launchers): 2" in log and "hardware: MULTI_CPU, 2 process(es)" in log, log
     for rank in (0, 1):
@@ -775,6 +781,15 @@ def test_seed_table_grid_is_the_write_ups_three_models(tmp_path):
 def test_script_syntax(script):
     result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_failing_setup_file_is_refused(tmp_path):
+    setup = tmp_path / "setup.sh"
+    setup.write_text("module load does-not-exist 2>/dev/null || false\n")
+    result = run_lib(tmp_path, "source_setup_file; echo went on", SETUP_FILE=str(setup))
+    assert result.returncode == 2, result.stdout
+    assert f"error: SETUP_FILE={setup} failed (exit status 1)" in result.stderr
+    assert "went on" not in result.stdout
 
 
 def test_run_folder_options_are_refused(tmp_path):
