@@ -66,7 +66,9 @@ wait_for_child() { # until CHILD has exited, whatever traps run meanwhile; sets 
 # --------------------------------------------------------------------------------------------
 # Messages
 # --------------------------------------------------------------------------------------------
-log() { printf '[%s %s] %s\n' "$(date '+%F %T')" "job ${JOB_REF:-${SLURM_JOB_ID:-?}}" "$*"; }
+# printf's own clock, not `date`: SLURM's SIGTERM goes to every process of the job, and would
+# kill a `date` started by a trap at that moment.
+log() { printf '[%(%F %T)T %s] %s\n' -1 "job ${JOB_REF:-${SLURM_JOB_ID:-?}}" "$*"; }
 
 refuse() { # a setting or an option the job cannot run with: one line, exit 2, not requeued
     log "error: $*" >&2
@@ -478,8 +480,9 @@ head_address() { # this node's address for the others: SLURM's NodeAddr for it, 
 # keeps waiting for it. After a stop it exits 0: each launcher then exits 1, and srun's
 # --kill-on-bad-exit would kill the other machines while the main process writes summary.json.
 node_main() {
-    local rank=$SLURM_PROCID
-    node_log() { echo "machine $rank ($(hostname -s)): $*"; }
+    local rank=$SLURM_PROCID host
+    host=$(hostname -s) # once: a command run from a trap may be killed by SLURM's SIGTERM
+    node_log() { echo "machine $rank ($host): $*"; }
     if [[ -n ${SETUP_FILE:-} ]]; then
         # shellcheck disable=SC1090  # the user's file
         source "$SETUP_FILE" || {
@@ -566,12 +569,14 @@ multi_node_job() { # TRAINING_OPTIONS...
         --ntasks-per-node="$per_node" --kill-on-bad-exit=1)
     # srun does not take --cpus-per-task from the job in SLURM 22.05: give it explicitly.
     if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then
-        srun+=(--cpus-per-task="$(((SLURM_CPUS_PER_TASK + per_node - 1) / per_node))")
+        local cpus=$((SLURM_CPUS_PER_TASK / per_node))
+        srun+=(--cpus-per-task="$((cpus > 0 ? cpus : 1))")
     fi
     start_log "nodes: $nodes (${SLURM_JOB_NODELIST:-$(hostname -s)}); machines (launchers):" \
         "$machines; head: $(hostname -s) (rendezvous $FMNIST_HEAD_ADDR:$PORT, c10d);" \
         "processes: $nproc per machine, $FMNIST_PROCESSES_TOTAL in all, on" \
-        "$(use_cpu && echo CPU || echo GPU)"
+        "$(use_cpu && echo CPU || echo GPU); torchrun restarts a failed group up to" \
+        "$MAX_RESTARTS times"
     ((FMNIST_PROCESSES_TOTAL > 1)) && port_note
     log "command: ${srun[*]} bash -c node_main ${train[*]}"
     STOP_WITH=USR2
