@@ -274,7 +274,7 @@ status_exit_code() { # STATUS: the job's exit code for a run's status (nothing i
 exit_meaning() {
     case $1 in
     0) echo "the run has ended (completed or early-stopped)" ;;
-    "$EXIT_BAD_INPUT") echo "bad input: see the error line above" ;;
+    "$EXIT_BAD_INPUT") echo "bad input: an option, a data file or a setting (see above)" ;;
     "$EXIT_DIVERGED") echo "diverged: a non-finite loss stopped the training" ;;
     "$EXIT_PREEMPTED") echo "stopped with its state saved: RUN_NAME=$RUN_NAME resumes it" ;;
     138 | 143) echo "stopped by SIG$(kill -l $(($1 - 128))) before it saved anything" ;;

@@ -493,9 +493,10 @@ def test_exit_codes_say_what_happened(cluster, data, tmp_path):
 
     info = bad.wait()
     assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), bad.report()
+    # (Not the toolkit's own error line: when rank 1 fails first, torchrun may stop rank 0,
+    # which prints it, before it does. The code comes from torchrun's report.)
     log = bad.log_text()
-    assert "--label-smoothing must be below 1" in log, log
-    assert "job exit code 2: bad input" in log, log
+    assert "failed (exitcode: 2)" in log and "job exit code 2: bad input" in log, log
 
     info = diverged.wait()
     assert (info["JobState"], info["ExitCode"]) == ("FAILED", "3:0"), diverged.report()
