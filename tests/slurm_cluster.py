@@ -140,6 +140,24 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        self.kill_leftovers()
+
+    def kill_leftovers(self) -> list[int]:
+        """SIGKILL what the jobs left running: proctrack/linuxproc finds a job's processes by
+        their parents, so one whose parent died (a launcher whose shell was killed) outlives
+        its job. Jobs inherit SLURM_CONF from sbatch: this cluster's processes carry its own."""
+        marker = f"SLURM_CONF={self.conf}".encode()
+        killed = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) == os.getpid():
+                continue
+            try:
+                if marker in (proc / "environ").read_bytes().split(b"\0"):
+                    os.kill(int(proc.name), signal.SIGKILL)
+                    killed.append(int(proc.name))
+            except (OSError, ValueError):
+                continue
+        return killed
 
     def __enter__(self) -> SlurmCluster:
         return self.start()
@@ -290,15 +308,16 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         out = self.run("sbatch", "--parsable", *args, env=env, cwd=cwd).stdout.strip()
         return int(out.split(";")[0])
 
-    def job(self, job_id: int) -> dict[str, str]:
-        """`scontrol show job` as a dict (JobState, ExitCode, Restarts, ...); {} when gone."""
+    def job(self, job_id: int | str) -> dict[str, str]:
+        """`scontrol show job` as a dict (JobState, ExitCode, Restarts, ...); {} when gone.
+        An array task is ARRAYID_TASK: the array's own id would show every task."""
         result = self.run("scontrol", "-o", "show", "job", str(job_id), check=False)
         if result.returncode != 0:
             return {}
         return dict(re.findall(r"(\w+)=(\S*)", result.stdout))
 
     def wait_for_job(
-        self, job_id: int, states: tuple[str, ...], timeout: float, poll: float = 0.5
+        self, job_id: int | str, states: tuple[str, ...], timeout: float, poll: float = 0.5
     ) -> dict[str, str]:
         """Wait until the job is in one of `states`; returns its record."""
         deadline = time.monotonic() + timeout
@@ -313,7 +332,7 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
             f"(now {info.get('JobState')}, reason {info.get('Reason')})"
         )
 
-    def completions(self, job_id: int) -> list[dict[str, str]]:
+    def completions(self, job_id: int | str) -> list[dict[str, str]]:
         """The job-completion records of a job (one per end, requeues included)."""
         if not self.jobcomp.exists():
             return []

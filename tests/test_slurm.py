@@ -1,13 +1,14 @@
-"""slurm/*.sbatch on a real one-node SLURM cluster, with CPU processes instead of GPUs.
+"""slurm/: the batch scripts on a real one-node SLURM cluster, and slurm/lib.sh's decisions.
 
-tests/slurm_cluster.py starts munged, slurmctld and slurmd (as root) for this module and stops
-them at its end. Each test submits a script with sbatch, as a user would, with two CPU
-processes (NUM_PROCESSES=2 ACCELERATE_USE_CPU=1, --gpus-per-node=0) on small generated data,
-and checks what SLURM reports (`scontrol show job`, the job-completion file), the run's files
-and the appended log.
+The tests marked `slurm` run on a cluster that tests/slurm_cluster.py starts (munged,
+slurmctld and slurmd, as root) for this module and stops at its end. Each submits a script
+with sbatch, as a user would, with CPU processes (ACCELERATE_USE_CPU=1, --gpus-per-node=0) on
+small generated data, and checks what SLURM reports (`scontrol show job`, the job-completion
+file), the run's files and the appended log. Without the SLURM programs (or without root) they
+skip; with FMNIST_ACCEL_REQUIRE_SLURM=1 (CI, after .ci/install-slurm.sh) they fail instead.
 
-Without the SLURM programs (or without root) the tests skip; with FMNIST_ACCEL_REQUIRE_SLURM=1
-(CI, after .ci/install-slurm.sh) they fail instead.
+The other tests run slurm/lib.sh's functions in bash with a stand-in `scontrol` that records
+its arguments: the requeue decision and the exit code for every outcome, in a second each.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,21 +26,23 @@ import pytest
 from fakedata import write_fashion_dir
 from slurm_cluster import SlurmCluster, unavailable_reason
 
-pytestmark = pytest.mark.slurm
-
 REPO = Path(__file__).resolve().parents[1]
-ONE_NODE = REPO / "slurm" / "train_1node.sbatch"
-MULTI_NODE = REPO / "slurm" / "train_multinode.sbatch"
+SLURM_DIR = REPO / "slurm"
+ONE_NODE = SLURM_DIR / "train_1node.sbatch"
+MULTI_NODE = SLURM_DIR / "train_multinode.sbatch"
+SWEEP = SLURM_DIR / "sweep.sbatch"
+LIB = SLURM_DIR / "lib.sh"
 JOB_NAME = "fmnist-test"
 # Generous for a loaded machine; a job takes 10-40 s here.
 JOB_TIMEOUT = 240
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
 # Options every test job trains with: the MLP, no early stopping (the fake data is learnt in
 # one epoch; a stop would end the run before the epochs the tests count).
 TRAIN_OPTIONS = ["--model", "mlp", "--valid-size", "200", "--no-early-stopping"]
 
 
 # ---------------------------------------------------------------------------------------------
-# Fixtures
+# Fixtures and helpers
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
@@ -53,7 +57,7 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """Two fake data sets: `small` for quick runs, `slow` whose epochs last a few seconds."""
+    """Fake data sets: `small` for quick runs, `slow` whose epochs last a few seconds."""
     root = tmp_path_factory.mktemp("data")
     return {
         "small": write_fashion_dir(root / "small", n_train=2000, n_test=100),
@@ -61,44 +65,73 @@ def data(tmp_path_factory):
     }
 
 
-def job_env(cluster: SlurmCluster) -> dict[str, str]:
-    """What sbatch passes to the job: the test's Python environment and two CPU processes."""
-    bin_dir = str(Path(sys.executable).parent)
+def job_env(cluster: SlurmCluster, **settings: str) -> dict[str, str]:
+    """What sbatch passes to the job: the test's Python environment, CPU processes, settings."""
     env = cluster.env(
         NUM_PROCESSES="2",
         ACCELERATE_USE_CPU="1",
         PYTHON=sys.executable,
-        PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         OMP_NUM_THREADS="1",
     )
-    for key in ("OUTPUT_DIR", "RUN_NAME", "MAIN_PROCESS_PORT", "LAUNCH_ARGS"):
+    for key in (
+        "OUTPUT_DIR",
+        "RUN_NAME",
+        "MAIN_PROCESS_IP",
+        "MAIN_PROCESS_PORT",
+        "LAUNCH_ARGS",
+        "MAX_REQUEUES",
+        "MAX_RESTARTS",
+        "SETUP_FILE",
+        "SWEEP_NAME",
+        "MACHINES_PER_NODE",
+        "WARNING_LEAD",
+        "START_MARGIN",
+    ):
         env.pop(key, None)
-    try:
-        socket.gethostbyname(cluster.node)
-    except OSError:
-        # The scripts give the head node's name to the rendezvous; here it does not resolve.
-        env["MAIN_PROCESS_IP"] = "127.0.0.1"
+    env.update(settings)
     return env
 
 
 class Job:
-    """A submitted job: its id, its log and its run folder (in the submission folder)."""
+    """A submitted job (or one task of an array): its id, its log and its run folder."""
 
-    def __init__(self, cluster: SlurmCluster, workdir: Path, script: Path, *args: str):
+    def __init__(self, cluster: SlurmCluster, workdir: Path, ref: str, log: Path, run_dir: Path):
         self.cluster = cluster
         self.workdir = workdir
-        self.id = cluster.sbatch(
+        self.ref = ref  # what scontrol takes: JOBID, or ARRAYID_TASK for an array task
+        self.log = log
+        self.run_dir = run_dir
+
+    @classmethod
+    def submit(
+        cls,
+        cluster: SlurmCluster,
+        workdir: Path,
+        script: Path,
+        *args: str,
+        sbatch: tuple[str, ...] = (),
+        **settings: str,
+    ) -> Job:
+        job_id = cluster.sbatch(
             f"--job-name={JOB_NAME}",
             f"--chdir={workdir}",
             "--gpus-per-node=0",
             f"--cpus-per-task={cluster.cpus}",
             *(["--nodes=1"] if script == MULTI_NODE else []),
+            *sbatch,
             str(script),
             *args,
-            env=job_env(cluster),
+            env=job_env(cluster, **settings),
         )
-        self.log = workdir / f"{JOB_NAME}-{self.id}.out"
-        self.run_dir = workdir / "runs" / f"{JOB_NAME}-{self.id}"
+        run_name = settings.get("RUN_NAME", f"{JOB_NAME}-{job_id}")
+        return cls(
+            cluster,
+            workdir,
+            str(job_id),
+            workdir / f"{JOB_NAME}-{job_id}.out",
+            workdir / "runs" / run_name,
+        )
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -120,11 +153,11 @@ class Job:
         return json.loads((self.run_dir / "summary.json").read_text())
 
     def info(self) -> dict[str, str]:
-        return self.cluster.job(self.id)
+        return self.cluster.job(self.ref)
 
     def wait(self, *states: str, timeout: float = JOB_TIMEOUT) -> dict[str, str]:
         try:
-            return self.cluster.wait_for_job(self.id, states, timeout)
+            return self.cluster.wait_for_job(self.ref, states or ENDED, timeout)
         except Exception as exc:
             raise AssertionError(f"{exc}\n{self.report()}") from None
 
@@ -134,15 +167,40 @@ class Job:
             if ready():
                 return
             state = self.info().get("JobState")
-            if state not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
+            if state not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED"):
                 raise AssertionError(f"job ended ({state}) before {what}\n{self.report()}")
             time.sleep(poll)
         raise AssertionError(f"timed out waiting for {what}\n{self.report()}")
 
+    def wait_for_log(self, text: str, timeout: float = JOB_TIMEOUT) -> None:
+        self.wait_for(repr(text), lambda: text in self.log_text(), timeout)
+
+    def signal(self, signal_name: str) -> None:
+        """`scancel --batch --signal=NAME`: the signal to the batch shell only (as --signal=B:)."""
+        self.cluster.run("scancel", "--batch", f"--signal={signal_name}", self.ref)
+
+    def start_requeued_now(self) -> None:
+        """Wait for the requeue, then start the job at once instead of after SLURM's delay."""
+        self.wait_for(
+            "the requeue",
+            lambda: self.info().get("JobState") == "PENDING" and self.info().get("Restarts") == "1",
+            timeout=120,
+        )
+        # Not in the second its last start was killed in: slurmd revokes a requeued job's
+        # credentials at that time, and refuses a new one from the same second.
+        self.wait_for("its last start to end", self.cluster.node_idle, timeout=60)
+        time.sleep(1.5)
+        self.cluster.run("scontrol", "update", f"JobId={self.ref}", "StartTime=now")
+
+    def completion_states(self) -> list[str]:
+        """JobState of each of the job's completion records (a requeue writes one too)."""
+        job_id = self.info().get("JobId", self.ref)
+        return [r["JobState"] for r in self.cluster.completions(job_id)]
+
     def report(self) -> str:
         """What a failing assertion shows: the job's record, its log and the daemons' logs."""
         return (
-            f"--- scontrol show job {self.id} ---\n{self.info()}\n"
+            f"--- scontrol show job {self.ref} ---\n{self.info()}\n"
             f"--- {self.log.name} ---\n{self.log_text()[-6000:]}\n"
             f"{self.cluster.logs(tail=15)}"
         )
@@ -153,13 +211,31 @@ def epoch_lines(log: str, epochs: int) -> list[int]:
     return [int(m) for m in re.findall(rf"epoch (\d+)/{epochs} \| train loss", log)]
 
 
+def first_step_done(job: Job) -> bool:
+    """The training has passed its start-up (the toolkit prints this after its first step)."""
+    return "first training step done" in job.log_text()
+
+
+def slow_python(tmp_path: Path) -> Path:
+    """A PYTHON whose launcher takes a minute to start: a start warned before it can save."""
+    wrapper = tmp_path / "slow-python"
+    wrapper.write_text(
+        "#!/bin/bash\n"
+        'if [[ " $* " == *" accelerate.commands.launch "* ]]; then sleep 60; fi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    return wrapper
+
+
 # ---------------------------------------------------------------------------------------------
-# Tests
+# On the local cluster: the scripts as a user runs them
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slurm
 def test_one_node_job_completes(cluster, data, tmp_path):
     options = ["--epochs", "3", "--batch-size", "64", "--data-dir", str(data["small"])]
-    job = Job(cluster, tmp_path, ONE_NODE, *TRAIN_OPTIONS, *options)
-    info = job.wait("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
+    job = Job.submit(cluster, tmp_path, ONE_NODE, *TRAIN_OPTIONS, *options)
+    info = job.wait()
     assert info["JobState"] == "COMPLETED", job.report()
     assert info["ExitCode"] == "0:0", job.report()
     assert info["Restarts"] == "0", job.report()
@@ -170,39 +246,42 @@ def test_one_node_job_completes(cluster, data, tmp_path):
     assert summary["world_size"] == 2 and summary["distributed_type"] == "MULTI_CPU"
 
     log = job.log_text()
+    assert "==== start 1 (first start of at most 3; SLURM_RESTART_COUNT=0)" in log, log
     assert "processes: 2 on CPU" in log, log  # the layout the script prints
     assert "hardware: 2 processes" in log and "CPU (gloo)" in log, log  # one group of two ranks
+    # launcher and workers from the job's Python; the run folder set by the script
+    assert f"command: {sys.executable} -m accelerate.commands.launch" in log, log
     assert "--resume auto" in log and "new run" in log, log
     assert epoch_lines(log, 3) == [1, 2, 3], log
-    assert "requeue" not in log, log
+    assert "requeue" not in log.split("====", 2)[2], log
+    assert "job exit code 0: the run has ended" in log, log
+    assert job.completion_states() == ["COMPLETED"]
 
-    records = cluster.completions(job.id)
-    assert [r["JobState"] for r in records] == ["COMPLETED"], records
 
-
-@pytest.mark.parametrize("script", [ONE_NODE, MULTI_NODE], ids=["1node", "multinode"])
-def test_signalled_job_requeues_and_resumes(cluster, data, tmp_path, script):
-    """USR1 (what --signal=B:USR1@120 sends before the time limit) to the batch shell: the
-    training saves its state, the job requeues itself, and its next start resumes the run."""
+@pytest.mark.slurm
+def test_multinode_job_requeues_and_resumes(cluster, data, tmp_path):
+    """USR1 (what --signal=B:USR1@120 sends before the time limit) to the batch shell of the
+    several-machine script, run as two machines (launchers) of one process each: both save,
+    the job requeues itself, and its next start resumes the run to its end."""
     epochs = 4
     options = ["--epochs", str(epochs), "--batch-size", "16", "--data-dir", str(data["slow"])]
-    job = Job(cluster, tmp_path, script, *TRAIN_OPTIONS, *options)
+    setup = tmp_path / "setup.sh"  # what a site's module loads would be: run on every machine
+    setup.write_text('echo "setup file on ${FMNIST_MACHINES:+machine $SLURM_PROCID}"\n')
+    job = Job.submit(
+        cluster,
+        tmp_path,
+        MULTI_NODE,
+        *TRAIN_OPTIONS,
+        *options,
+        NUM_PROCESSES="1",
+        MACHINES_PER_NODE="2",
+        SETUP_FILE=str(setup),
+    )
     job.wait_for("epoch 1 in metrics.jsonl", lambda: len(job.epochs()) >= 1)
     assert job.epochs() != list(range(1, epochs + 1)), "the run ended before the signal"
-    cluster.run("scancel", "--batch", "--signal=USR1", str(job.id))
-
-    # The script requeues the job; SLURM then holds it ~2 minutes (BeginTime) unless told.
-    job.wait_for(
-        "the requeue",
-        lambda: job.info().get("JobState") == "PENDING" and job.info().get("Restarts") == "1",
-        timeout=120,
-    )
-    # Start it now. Not in the second its last start was killed in: slurmd revokes a requeued
-    # job's credentials at that time, and refuses a new one from the same second.
-    job.wait_for("the node to be idle", cluster.node_idle, timeout=60)
-    time.sleep(1.5)
-    cluster.run("scontrol", "update", f"JobId={job.id}", "StartTime=now")
-    info = job.wait("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
+    job.signal("USR1")
+    job.start_requeued_now()
+    info = job.wait()
     assert info["JobState"] == "COMPLETED", job.report()
     assert info["ExitCode"] == "0:0", job.report()
     assert info["Restarts"] == "1", job.report()
@@ -212,38 +291,512 @@ def test_signalled_job_requeues_and_resumes(cluster, data, tmp_path, script):
     log = job.log_text()
     assert epoch_lines(log, epochs) == list(range(1, epochs + 1)), log
     assert job.summary()["status"] == "completed"
+    assert job.summary()["world_size"] == 2
 
+    # The setup file ran in the batch shell and on each machine, at each start.
+    assert log.count("setup file on \n") == 2, log
+    assert log.count("0: setup file on machine 0") == log.count("1: setup file on machine 1") == 2
+    # Two launchers met in a c10d rendezvous, machine 0 hosting it.
+    assert "machines (launchers): 2" in log and "hardware: 2 processes" in log, log
+    for rank in (0, 1):
+        assert f"{rank}: machine {rank} (" in log and f"--machine_rank {rank}" in log, log
+        assert f"is_host={1 - rank}" in log, log
+        # the batch shell's request reached both launchers
+        assert f"machine {rank} ({cluster.node}): stop requested" in log, log
     # One log, appended by both starts, tells the story.
-    assert "==== start 1 (SLURM_RESTART_COUNT=0)" in log, log
-    assert "==== start 2 (SLURM_RESTART_COUNT=1)" in log, log
-    # the script turns SLURM's SIGUSR1 into one SIGTERM for the training
+    assert "==== start 2 (requeue 1 of at most 3; SLURM_RESTART_COUNT=1)" in log, log
     assert "SIGUSR1" in log and "stopped by SIGTERM in epoch" in log, log
-    assert f"requeueing job {job.id}" in log, log
+    # Both machines stopped cleanly: the main process wrote summary.json before the step ended.
+    assert "this start saved new state; run status: preempted" in log, log
+    assert f"requeueing {job.ref} (requeue 1 of at most 3)" in log, log
     resumed = re.search(r"run folder: \S+ \(resuming after epoch (\d+)", log)
     assert resumed and 1 <= int(resumed.group(1)) < epochs, log
-    assert log.index("requeueing job") < log.index("==== start 2") < resumed.start(), log
-    if script == MULTI_NODE:
-        # srun's task 0 (node 0) ran accelerate launch with machine rank 0, c10d rendezvous.
-        assert "0: node 0 (" in log and "--machine_rank 0" in log, log
-        assert "--rdzv_backend c10d" in log and f"head node: {cluster.node}" in log, log
-        assert "node 0: stop requested" in log, log
-
-    # The completion log has the requeue (the job went back to PENDING) and the final end.
-    records = cluster.completions(job.id)
-    assert [r["JobState"] for r in records] == ["PENDING", "COMPLETED"], records
+    assert log.index("requeueing") < log.index("==== start 2") < resumed.start(), log
+    assert job.completion_states() == ["PENDING", "COMPLETED"]
 
 
-def test_cancelled_job_is_not_requeued(cluster, data, tmp_path):
-    """scancel ends the job for good: the script's TERM trap must not requeue it."""
-    options = ["--epochs", "50", "--batch-size", "16", "--data-dir", str(data["slow"])]
-    job = Job(cluster, tmp_path, ONE_NODE, *TRAIN_OPTIONS, *options)
-    job.wait_for("the training to start", lambda: "command: " in job.log_text())
-    cluster.run("scancel", str(job.id))
-    job.wait("CANCELLED", "COMPLETED", "FAILED", "PENDING", timeout=60)
+@pytest.mark.slurm
+def test_cancel_saves_on_every_machine(cluster, data, tmp_path):
+    """A plain `scancel`: SIGTERM to every process of the job, on every machine. The training
+    saves its state mid-epoch (resume.pt, with no epoch finished) and the job is not
+    requeued."""
+    options = ["--epochs", "50", "--batch-size", "8", "--data-dir", str(data["slow"])]
+    job = Job.submit(
+        cluster,
+        tmp_path,
+        MULTI_NODE,
+        *TRAIN_OPTIONS,
+        *options,
+        NUM_PROCESSES="1",
+        MACHINES_PER_NODE="2",
+    )
+    job.wait_for("the first training step", lambda: first_step_done(job))
+    cluster.run("scancel", job.ref)
+    info = job.wait()
     time.sleep(2)  # a requeue would turn it PENDING again within this
     info = job.info()
-    assert info["JobState"] == "CANCELLED", job.report()
-    assert info["Restarts"] == "0", job.report()
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", job.report()
+
+    assert (job.run_dir / "resume.pt").is_file(), job.report()
+    assert job.epochs() == [], "epoch 1 ended before the cancel: resume.pt proves nothing"
+    summary = job.summary()
+    assert summary["status"] == "preempted", summary
+    assert summary["detail"].startswith("stopped by SIGTERM in epoch 1"), summary
     log = job.log_text()
+    for rank in (0, 1):
+        # SLURM's own SIGTERM, or the batch shell's request if that came first
+        assert re.search(
+            rf"machine {rank} \({cluster.node}\): (SIGTERM \(scancel|stop requested)", log
+        ), log
     assert "SIGTERM (cancelled, preempted or out of time)" in log, log
     assert "requeueing" not in log, log
+
+
+def machine_shells(job_id: str) -> list[int]:
+    """The process ids of the job's per-machine shells (srun's tasks: `bash -c node_main...`)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (
+            len(argv) > 3
+            and argv[0].endswith(b"bash")
+            and argv[1] == b"-c"
+            and argv[3] == b"node"
+            and f"SLURM_JOB_ID={job_id}".encode() in environ
+        ):
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.slurm
+def test_term_to_the_machine_shells_saves(cluster, data, tmp_path):
+    """SIGTERM to srun's tasks alone (each machine's shell), as where SLURM would end the step
+    once those die (cgroups): the shells forward it to their launchers and wait, and the
+    training saves. Without their TERM trap the shells die and nothing is saved."""
+    options = ["--epochs", "50", "--batch-size", "8", "--data-dir", str(data["slow"])]
+    job = Job.submit(
+        cluster,
+        tmp_path,
+        MULTI_NODE,
+        *TRAIN_OPTIONS,
+        *options,
+        NUM_PROCESSES="1",
+        MACHINES_PER_NODE="2",
+    )
+    job.wait_for("the first training step", lambda: first_step_done(job))
+    shells = machine_shells(job.ref)
+    assert len(shells) == 2, (shells, job.report())
+    for pid in shells:
+        os.kill(pid, signal.SIGTERM)
+    info = job.wait()
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "75:0"), job.report()
+    assert (job.run_dir / "resume.pt").is_file(), job.report()
+    assert job.epochs() == [], "epoch 1 ended before the signal: resume.pt proves nothing"
+    assert job.summary()["detail"].startswith("stopped by SIGTERM in epoch 1"), job.summary()
+
+
+@pytest.mark.slurm
+def test_start_that_saves_nothing_is_not_requeued(cluster, data, tmp_path):
+    """A start warned before it could save must not requeue on an earlier start's
+    summary.json ("preempted"): it would loop for ever without progress."""
+    options = ["--epochs", "50", "--batch-size", "16", "--data-dir", str(data["slow"])]
+    first = Job.submit(
+        cluster, tmp_path, ONE_NODE, *TRAIN_OPTIONS, *options, RUN_NAME="no-progress"
+    )
+    first.wait_for("the first training step", lambda: first_step_done(first))
+    first.signal("TERM")  # save and end, no requeue: exit code 75
+    info = first.wait()
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "75:0"), first.report()
+    assert first.summary()["status"] == "preempted"
+    assert "job exit code 75: stopped with its state saved" in first.log_text()
+
+    # The same run again, with a launcher too slow to start before the warning.
+    second = Job.submit(
+        cluster,
+        tmp_path,
+        ONE_NODE,
+        *TRAIN_OPTIONS,
+        *options,
+        RUN_NAME="no-progress",
+        PYTHON=str(slow_python(tmp_path)),
+    )
+    second.wait_for_log("command: ")
+    assert "has saved state: resuming" in second.log_text()
+    second.signal("USR1")
+    info = second.wait()
+    time.sleep(2)  # a requeue would turn it PENDING again within this
+    info = second.info()
+    assert info["Restarts"] == "0" and info["JobState"] == "FAILED", second.report()
+    assert info["ExitCode"] == f"{128 + 10}:0", second.report()  # stopped by SIGUSR1 unsaved
+    log = second.log_text()
+    assert "not requeued: this start saved no new state" in log, log
+    assert "requeueing" not in log, log
+    assert second.completion_states() == ["FAILED"]
+
+
+@pytest.mark.slurm
+def test_requeue_limit_stops_the_job(cluster, data, tmp_path):
+    """MAX_REQUEUES=1: the first warning requeues, the second (in the resumed start) ends the
+    job with its state saved (exit code 75) instead of requeueing again."""
+    options = ["--epochs", "50", "--batch-size", "16", "--data-dir", str(data["slow"])]
+    job = Job.submit(cluster, tmp_path, ONE_NODE, *TRAIN_OPTIONS, *options, MAX_REQUEUES="1")
+    job.wait_for("epoch 1 in metrics.jsonl", lambda: len(job.epochs()) >= 1)
+    job.signal("USR1")
+    job.start_requeued_now()
+    job.wait_for_log("==== start 2")
+    job.wait_for(
+        "the resumed start's first step", lambda: job.log_text().count("first training step") >= 2
+    )
+    job.signal("USR1")
+    info = job.wait()
+    time.sleep(2)  # a requeue would turn it PENDING again within this
+    info = job.info()
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "75:0", "1"), (
+        job.report()
+    )
+    log = job.log_text()
+    assert "==== start 2 (requeue 1 of at most 1; SLURM_RESTART_COUNT=1)" in log, log
+    assert "resuming after epoch" in log, log
+    assert "not requeued: the requeue limit is reached (1 requeues, MAX_REQUEUES=1)" in log, log
+    assert log.count("requeueing") == 1, log
+    assert job.summary()["status"] == "preempted"
+    assert job.completion_states() == ["PENDING", "FAILED"]
+
+
+@pytest.mark.slurm
+def test_exit_codes_say_what_happened(cluster, data, tmp_path):
+    """The job's exit code follows the run, not the launcher (which exits 1 for any failed
+    worker): 2 for bad input, 3 for a diverged run, 2 for a time limit too short to save."""
+    small = ["--epochs", "2", "--batch-size", "64", "--data-dir", str(data["small"])]
+    one_cpu = ("--cpus-per-task=1",)
+    bad = Job.submit(
+        cluster,
+        tmp_path,
+        ONE_NODE,
+        *TRAIN_OPTIONS,
+        *small,
+        "--label-smoothing",
+        "1",
+        sbatch=one_cpu,
+        MAX_RESTARTS="1",
+    )
+    diverged = Job.submit(
+        cluster, tmp_path, ONE_NODE, *TRAIN_OPTIONS, *small, "--lr", "1e30", sbatch=one_cpu
+    )
+    short = Job.submit(
+        cluster, tmp_path, ONE_NODE, *TRAIN_OPTIONS, *small, sbatch=(*one_cpu, "--time=2")
+    )
+
+    info = bad.wait()
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), bad.report()
+    # (Not the toolkit's own error line: when rank 1 fails first, torchrun may stop rank 0,
+    # which prints it, before it does. The code comes from torchrun's report.)
+    log = bad.log_text()
+    assert "failed (exitcode: 2)" in log and "job exit code 2: bad input" in log, log
+
+    info = diverged.wait()
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "3:0"), diverged.report()
+    assert diverged.summary()["status"] == "diverged"
+    assert "job exit code 3: diverged" in diverged.log_text()
+
+    info = short.wait()
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0"), short.report()
+    log = short.log_text()
+    assert "error: time limit 00:02:00 is shorter than the warning's lead (120 s)" in log, log
+    assert "--time=3 or more" in log, log
+    assert not short.run_dir.exists(), "the refused job started training"
+
+
+@pytest.mark.slurm
+def test_sweep_runs_every_line_and_requeues_only_its_task(cluster, data, tmp_path):
+    """A 3-line grid as a job array: three runs, one folder each, named from the sweep and the
+    line. The task signalled mid-run is requeued and completes; the others are not requeued.
+    It is the task whose own job id is the array's id, for which a plain `scontrol requeue
+    $SLURM_JOB_ID` would requeue every task of the array."""
+    grid = tmp_path / "tiny.txt"
+    grid.write_text(
+        "# three tiny runs\n"
+        f"--epochs 1 --data-dir {data['small']}\n"
+        "\n"
+        f"--epochs 2 --seed 1 --data-dir {data['small']}   # a comment\n"
+        f"--epochs 4 --batch-size 16 --data-dir {data['slow']}\n"
+    )
+    array_id = cluster.sbatch(
+        f"--job-name={JOB_NAME}",
+        f"--chdir={tmp_path}",
+        "--gpus-per-node=0",
+        "--cpus-per-task=1",
+        "--array=1-3",
+        str(SWEEP),
+        str(grid),
+        *TRAIN_OPTIONS,
+        env=job_env(cluster, NUM_PROCESSES="1"),
+    )
+    tasks = {
+        task: Job(
+            cluster,
+            tmp_path,
+            f"{array_id}_{task}",
+            tmp_path / f"{JOB_NAME}-{array_id}_{task}.out",
+            tmp_path / "runs",  # the run folder is read from the log below
+        )
+        for task in (1, 2, 3)
+    }
+    slow = tasks[3]
+    slow.wait_for_log("run folder: ")
+    slow.run_dir = tmp_path / "runs" / re.search(r"run folder: runs/(\S+)", slow.log_text())[1]
+    assert slow.info()["JobId"] == str(array_id), "task 3 should hold the array's own job id"
+    slow.wait_for("epoch 1 of task 3", lambda: len(slow.epochs()) >= 1)
+    slow.signal("USR1")
+    slow.start_requeued_now()
+
+    for task, job in tasks.items():
+        info = job.wait()
+        assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), job.report()
+        assert info["Restarts"] == ("1" if task == 3 else "0"), job.report()
+    # One folder per line, named from the sweep (the grid's name), the task and the line.
+    run_dirs = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    prefixes = ["tiny-1-epochs-1-data-dir-", "tiny-2-epochs-2-seed-1-data-dir-", "tiny-3-epochs-4"]
+    assert [d[: len(p)] for d, p in zip(run_dirs, prefixes, strict=True)] == prefixes, run_dirs
+    for run_dir, epochs, seed in zip(run_dirs, (1, 2, 4), (0, 1, 0), strict=True):
+        summary = json.loads((tmp_path / "runs" / run_dir / "summary.json").read_text())
+        config = json.loads((tmp_path / "runs" / run_dir / "config.json").read_text())
+        assert summary["status"] == "completed", (run_dir, summary)
+        assert (config["epochs"], config["seed"], config["model"]) == (epochs, seed, "mlp")
+    assert slow.epochs() == [1, 2, 3, 4], slow.report()
+    log = slow.log_text()
+    assert f"sweep tiny: task 3 of 3 lines in {grid}" in log, log
+    assert f"requeueing {array_id}_3 (requeue 1 of at most 3)" in log, log
+    assert "resuming after epoch" in log, log
+    for task in (1, 2):
+        assert tasks[task].completion_states() == ["COMPLETED"], tasks[task].report()
+    assert slow.completion_states() == ["PENDING", "COMPLETED"]
+
+
+# ---------------------------------------------------------------------------------------------
+# slurm/lib.sh's decisions, without a cluster
+# ---------------------------------------------------------------------------------------------
+def run_lib(tmp_path: Path, script: str, argv0: Path = ONE_NODE, **env: str):
+    """bash: source slurm/lib.sh, run `script`; `scontrol` is a stand-in that logs its
+    arguments to tmp_path/scontrol.calls. Returns the CompletedProcess."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "scontrol"
+    fake.write_text(f'#!/bin/bash\necho "$*" >> {tmp_path / "scontrol.calls"}\n')
+    fake.chmod(0o755)
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))} | {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "PYTHON": sys.executable,
+        **env,
+    }
+    return subprocess.run(
+        ["bash", "-c", f"set -uo pipefail; source {LIB}\n{script}", str(argv0)],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def scontrol_calls(tmp_path: Path) -> list[str]:
+    path = tmp_path / "scontrol.calls"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+SAVE_RESUME = 'echo state > "$RUN_DIR/.r" && mv "$RUN_DIR/.r" "$RUN_DIR/resume.pt"'
+
+
+def write_summary(status: str) -> str:
+    return (
+        f"""echo '{{"status": "{status}"}}' > "$RUN_DIR/.s" && """
+        'mv "$RUN_DIR/.s" "$RUN_DIR/summary.json"'
+    )
+
+
+TORCHRUN_REPORT = """\
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+Failures:
+[1]:
+  exitcode  : 2 (pid: 12)
+Root Cause (first observed failure):
+[0]:
+  rank      : 0 (local_rank: 0)
+  exitcode  : 2 (pid: 11)
+"""
+
+
+# Each case: (earlier state, what this start did, stop signal, launcher's code, restarts,
+#             exit code, requeued)
+END_CASES = {
+    "completed": ("", write_summary("completed"), "", 0, 0, 0, False),
+    "warned, saved: requeue": (
+        write_summary("preempted"),
+        f"{SAVE_RESUME}; {write_summary('preempted')}",
+        "USR1",
+        1,
+        0,
+        75,
+        True,
+    ),
+    "warned, nothing saved, old summary preempted": (
+        f"{SAVE_RESUME}; {write_summary('preempted')}",
+        "",
+        "USR1",
+        143,
+        1,
+        138,
+        False,
+    ),
+    "warned, saved, requeue limit reached": (
+        "",
+        f"{SAVE_RESUME}; {write_summary('preempted')}",
+        "USR1",
+        1,
+        3,
+        75,
+        False,
+    ),
+    "warned in the last epoch: completed": (
+        "",
+        f"{SAVE_RESUME}; {write_summary('completed')}",
+        "USR1",
+        1,
+        0,
+        0,
+        False,
+    ),
+    "diverged": ("", f"{SAVE_RESUME}; {write_summary('diverged')}", "", 1, 0, 3, False),
+    "bad input under torchrun": (
+        "",
+        'printf \'%s\' "$REPORT" >> "$STDERR_FILE"',
+        "",
+        1,
+        0,
+        2,
+        False,
+    ),
+    "bad input, report from an earlier start": (
+        'printf \'%s\' "$REPORT" >> "$STDERR_FILE"',
+        "",
+        "",
+        1,
+        0,
+        1,
+        False,
+    ),
+    "already ended: completed": (write_summary("completed"), "", "", 0, 0, 0, False),
+    "already ended: diverged": (write_summary("diverged"), "", "", 0, 0, 3, False),
+    "cancelled, saved": (
+        "",
+        f"{SAVE_RESUME}; {write_summary('preempted')}",
+        "TERM",
+        1,
+        0,
+        75,
+        False,
+    ),
+    "cancelled, saved, no summary": ("", SAVE_RESUME, "TERM", 0, 0, 75, False),
+}
+
+
+@pytest.mark.parametrize("case", list(END_CASES))
+def test_end_of_start_decision(tmp_path, case):
+    before, during, stop, rc, restarts, expected_code, requeued = END_CASES[case]
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    stderr_file = tmp_path / "job.out"
+    stderr_file.write_text("earlier starts' lines\n")
+    script = f"""
+        RUN_DIR={run_dir} RUN_NAME=r STDERR_FILE={stderr_file} MAX_REQUEUES=3 RESTARTS={restarts}
+        {before or ":"}
+        STDERR_OFFSET=$(stat -c %s "$STDERR_FILE")
+        START_STATE=$(run_files_state)
+        {during or ":"}
+        STOP={stop} CHILD_RC={rc}
+        end_job
+    """
+    result = run_lib(tmp_path, script, REPORT=TORCHRUN_REPORT, SLURM_JOB_ID="7")
+    output = result.stdout + result.stderr
+    assert result.returncode == expected_code, output
+    calls = scontrol_calls(tmp_path)
+    assert calls == (["requeue 7"] if requeued else []), output
+    if not requeued:
+        assert f"job exit code {expected_code}" in output, output
+
+
+def test_array_task_requeues_only_itself(tmp_path):
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    script = f"""
+        RUN_DIR={run_dir} RUN_NAME=r STDERR_FILE=/nonexistent MAX_REQUEUES=3 RESTARTS=0
+        START_STATE=$(run_files_state)
+        {SAVE_RESUME}
+        STOP=USR1 CHILD_RC=1
+        end_job
+    """
+    env = {"SLURM_JOB_ID": "40", "SLURM_ARRAY_JOB_ID": "40", "SLURM_ARRAY_TASK_ID": "3"}
+    result = run_lib(tmp_path, script, **env)
+    assert result.returncode == 75, result.stdout + result.stderr
+    assert scontrol_calls(tmp_path) == ["requeue 40_3"]
+
+
+@pytest.mark.parametrize(
+    ("limit", "refused"),
+    [("00:02:00", True), ("00:02:59", True), ("00:03:00", False), ("1-00:00:00", False)],
+)
+def test_time_limit_check(tmp_path, limit, refused):
+    """The warning's lead comes from the script's own #SBATCH --signal line (120 s); with the
+    default START_MARGIN (60 s) a limit under 3 minutes is refused."""
+    script = f"""
+        JOB_RECORD="JobId=7 TimeLimit={limit} TimeMin=N/A" START_MARGIN=60
+        check_time_limit
+        echo "lead $WARNING_S"
+    """
+    result = run_lib(tmp_path, script)
+    output = result.stdout + result.stderr
+    if refused:
+        assert result.returncode == 2, output
+        assert f"error: time limit {limit} is shorter than the warning's lead (120 s)" in output
+    else:
+        assert result.returncode == 0 and "lead 120" in output, output
+
+
+def test_seed_table_grid_is_the_write_ups_three_models(tmp_path):
+    lines = []
+    for task in (1, 2, 3):
+        result = run_lib(tmp_path, f"grid_line {SLURM_DIR / 'grids' / 'seed-table.txt'} {task}")
+        assert result.returncode == 0, result.stderr
+        count, name, options = result.stdout.splitlines()
+        assert count == "3"
+        lines.append((name, options))
+    assert [options for _, options in lines] == ["--model mlp", "--model cnn", "--model cnn-bn"]
+    assert [name for name, _ in lines] == ["model-mlp", "model-cnn", "model-cnn-bn"]
+
+    result = run_lib(tmp_path, f"grid_line {SLURM_DIR / 'grids' / 'seed-table.txt'} 4")
+    assert result.returncode != 0
+    assert "array task 4, but" in result.stderr and "--array=1-3" in result.stderr
+
+
+@pytest.mark.parametrize("script", [LIB, ONE_NODE, MULTI_NODE, SWEEP], ids=lambda p: p.name)
+def test_script_syntax(script):
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_failing_setup_file_is_refused(tmp_path):
+    setup = tmp_path / "setup.sh"
+    setup.write_text("module load does-not-exist 2>/dev/null || false\n")
+    result = run_lib(tmp_path, "source_setup_file; echo went on", SETUP_FILE=str(setup))
+    assert result.returncode == 2, result.stdout
+    assert f"error: SETUP_FILE={setup} failed (exit status 1)" in result.stderr
+    assert "went on" not in result.stdout
+
+
+def test_run_folder_options_are_refused(tmp_path):
+    result = run_lib(tmp_path, "check_run_options --epochs 3 --run-name=x")
+    assert result.returncode == 2
+    assert "--run-name among the training options" in result.stdout + result.stderr
