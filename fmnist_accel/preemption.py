@@ -60,6 +60,16 @@ class StopRequest:
 def _say(message: str) -> None:
     """One line on stderr, from a signal handler: os.write, not print, since the handler may
     interrupt a print in progress. On a terminal the line first clears the line the cursor is
-    on: the progress bar and the terminal's ^C echo, which would otherwise run into it."""
-    clear = "\r\x1b[2K" if os.isatty(2) else ""
-    os.write(2, f"{clear}{message}\n".encode())
+    on (the progress bar and the terminal's ^C echo, which would otherwise run into it), but
+    only while the process that started this one is still there: `accelerate launch` dies of
+    Ctrl-C at once, and the line is then the shell's new prompt, which must stay."""
+    if not os.isatty(2):
+        lead = ""
+    elif os.getppid() == _PARENT:
+        lead = "\r\x1b[2K"
+    else:
+        lead = "\n"
+    os.write(2, f"{lead}{message}\n".encode())
+
+
+_PARENT = os.getppid()  # the launcher, the shell, or the batch system

@@ -169,3 +169,31 @@ def test_clock_format():
         "12:30",
         "1:02:03",
     ]
+
+
+# ------------------------------------------------------------------------------------------
+# A stop signal's message
+# ------------------------------------------------------------------------------------------
+def test_the_stop_message_clears_the_bar_line_only_while_the_parent_lives(monkeypatch):
+    """On a terminal the message replaces the progress bar's line; once the launcher that
+    started the run has died of the same Ctrl-C, that line is the shell's prompt: the message
+    goes below it instead. In a log file, the bare line."""
+    from fmnist_accel import preemption
+
+    written, tty, parent = [], [True], [preemption._PARENT]
+    fake_os = SimpleNamespace(
+        write=lambda fd, data: written.append((fd, data)),
+        isatty=lambda fd: tty[0],
+        getppid=lambda: parent[0],
+    )
+    monkeypatch.setattr(preemption, "os", fake_os)
+    preemption._say("bar still there")
+    parent[0] = 1  # reparented: the launcher has gone
+    preemption._say("launcher gone")
+    tty[0] = False
+    preemption._say("log file")
+    assert written == [
+        (2, b"\r\x1b[2Kbar still there\n"),
+        (2, b"\nlauncher gone\n"),
+        (2, b"log file\n"),
+    ]
