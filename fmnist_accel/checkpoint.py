@@ -8,11 +8,13 @@
 
 Every write goes to a temporary file in the same folder, is flushed to disk, and then
 os.replace()s the old file: a kill at any moment leaves either the old or the new file,
-never a torn one.
+never a torn one. A write that fails (a full disk) removes its temporary file and raises
+WriteFailed, one line naming the file and the free space (writes.py).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
+from .writes import write_failed
 
 FORMAT = "fmnist-accel/1"
 METADATA_KEY = "fmnist_accel"
@@ -40,9 +43,13 @@ def first_sentence(exc: Exception) -> str:
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path), fsync it, then rename it over `path` in one step."""
+    """Call write(tmp_path), fsync it, then rename it over `path` in one step. An OSError
+    (no space left, a quota, an I/O error) becomes WriteFailed; `path` is left as it was."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise write_failed(path, exc) from None
     os.close(fd)
     try:
         write(tmp)
@@ -50,6 +57,9 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_failed(path, exc) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -100,11 +110,15 @@ def checkpoint_epoch(path: Path) -> int | None:
 
 
 def save_model_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict) -> None:
-    from safetensors.torch import save_file
+    # safetensors.save() gives the file's bytes, written here into our own temporary file:
+    # save_file() would write through a temporary file of its own (.tmpXXXXXX), which a kill
+    # would leave behind under a name no cleanup knows.
+    from safetensors.torch import save
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     header = {METADATA_KEY: json.dumps({"format": FORMAT, **metadata})}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    data = save(tensors, metadata=header)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def load_model_checkpoint(
@@ -142,7 +156,12 @@ def load_model_checkpoint(
 
 
 def save_resume_state(path: Path, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: torch.save({"format": FORMAT, **state}, tmp))
+    # Serialised in memory, then written as bytes: torch.save() to a path reports a full
+    # disk as a RuntimeError from its C++ stream ("unexpected pos"), not as an OSError.
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buffer)
+    data = buffer.getbuffer()
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def load_resume_state(path: Path) -> dict[str, Any]:

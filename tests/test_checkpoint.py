@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,7 @@ from fmnist_accel.checkpoint import (
     save_model_checkpoint,
     save_resume_state,
 )
-from fmnist_accel.errors import UserError
+from fmnist_accel.errors import UserError, WriteFailed
 from fmnist_accel.inference import model_from_checkpoint
 from fmnist_accel.models import build_model
 
@@ -62,8 +63,11 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
         Path(tmp).write_text("half")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(WriteFailed) as failed:
         atomic_write(target, half_then_fail)
+    message = one_line(failed)
+    assert f"cannot write {target}: No space left on device (" in message
+    assert re.search(r"\(\d+(\.\d)? (GB|MB|kB|bytes) free there\)", message), message
     assert target.read_text() == "good"
     assert tmp_leftovers(tmp_path) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors"]
