@@ -14,8 +14,9 @@ import typing
 
 import click
 
+from . import elastic, errors
 from .config import RECIPES, TrainConfig, config_fields
-from .errors import EXIT_USER_ERROR, UserError
+from .errors import EXIT_PEER_FAILED, EXIT_USER_ERROR, UserError
 
 
 class FiniteFloat(click.FloatRange):
@@ -218,6 +219,7 @@ def predict_command(
 
 def run_cli(command: click.Command, argv: list[str] | None, prog_name: str) -> None:
     """Run a click command; any user error becomes one line on stderr and a non-zero exit."""
+    errors.PROGRAM = prog_name
     try:
         code = command.main(args=argv, prog_name=prog_name, standalone_mode=False) or 0
     except click.ClickException as exc:
@@ -226,8 +228,19 @@ def run_cli(command: click.Command, argv: list[str] | None, prog_name: str) -> N
     except click.Abort:
         code = 130
     except UserError as exc:
-        _error_line(prog_name, str(exc))
+        if not exc.reported:
+            _error_line(prog_name, str(exc), every_rank=exc.every_rank_says_it)
         code = exc.exit_code
+    except RuntimeError as exc:
+        from .hardware import collective_failure
+
+        failure = collective_failure(exc)  # another process hung or died: one line, not a trace
+        if failure is None:
+            raise
+        _error_line(prog_name, str(failure), every_rank=True)
+        code = failure.exit_code
+    if code not in (0, EXIT_PEER_FAILED):  # a restart would only do the same again
+        elastic.remember_deliberate_exit(code)
     _exit(code)
 
 
@@ -244,9 +257,9 @@ def _exit(code: int) -> None:
     sys.exit(code)
 
 
-def _error_line(prog_name: str, message: str) -> None:
+def _error_line(prog_name: str, message: str, every_rank: bool = False) -> None:
     # Under a multi-process launcher every rank hits the same error: say it once.
-    if os.environ.get("RANK", "0") == "0":
+    if every_rank or os.environ.get("RANK", "0") == "0":
         print(f"{prog_name}: error: {message}", file=sys.stderr)
 
 

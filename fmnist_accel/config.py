@@ -155,6 +155,21 @@ class TrainConfig:
         False, "torch.use_deterministic_algorithms(True): bitwise repeatable runs, slower."
     )
 
+    # The longest wait between two collectives in a healthy run, with room: the local main
+    # process downloading the data (30 MB) while the others wait at their first barrier (10
+    # minutes allow 50 kB/s); the main process writing checkpoints while the others wait; a
+    # first torch.compile of resnet9 on a slow CPU; one rank ending its validation shard later
+    # than another. A validation or test pass is no wait however long it is: each rank
+    # evaluates its own shard and they meet once, at the end.
+    collective_timeout: float = option(
+        600.0,
+        "Seconds a process of a multi-process run waits for the others at a collective "
+        "operation before it stops with an error naming this timeout (a hung or dead process); "
+        "the launcher then restarts the group if --max_restarts allows. Raise it if the first "
+        "start downloads the data over a slow network.",
+        min=1,
+    )
+
     test_every_epoch: bool = option(
         False,
         "Also evaluate the test set after every epoch (test_loss, test_accuracy in the metrics "
@@ -208,6 +223,7 @@ RESUMABLE_OVERRIDES = frozenset(
         "compile",
         "eval_batch_size",
         "mixed_precision",  # e.g. resuming on other hardware; never changed silently
+        "collective_timeout",
     }
 )
 
