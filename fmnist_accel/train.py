@@ -86,6 +86,7 @@ def make_training_accelerator(cfg: TrainConfig):
     warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")
     return make_accelerator(
         cfg.mixed_precision,
+        collective_timeout=cfg.collective_timeout,
         log_with="tensorboard",
         # A placeholder: the run folder is only known once the main process has chosen it.
         project_dir=cfg.output_dir,
