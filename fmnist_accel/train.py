@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import rundir
+from . import elastic, rundir
 from .averaging import WeightEMA
 from .checkpoint import (
     atomic_copy,
@@ -405,6 +405,9 @@ def start_outputs(s: Session, state: dict | None) -> None:
 
 def print_header(s: Session, resumed: bool) -> None:
     cfg, world = s.cfg, s.accelerator.num_processes
+    restart = elastic.restart_line(s.start_epoch if resumed else None, s.progress.step)
+    if restart:
+        s.reporter.print(restart)
     where = f"run folder: {s.run_dir}"
     if resumed:
         step = f", step {s.progress.step}" if s.progress.step else ""
@@ -552,6 +555,7 @@ def checkpoint_metadata(cfg: TrainConfig, record: dict, n_params: int) -> dict:
 # --------------------------------------------------------------------------------------------
 def train(explicit: dict[str, Any]) -> int:
     """Run training with the options the user gave (None = not given). Returns the exit code."""
+    explicit = elastic.restarted_options(explicit)  # a restarted group resumes the run
     cfg = resolve_config(explicit)
     try:
         check_config(cfg)
