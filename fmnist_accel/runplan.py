@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import rundir
+from . import elastic, rundir
 from .checkpoint import load_resume_state
 from .config import RESUMABLE_OVERRIDES, TrainConfig, resolve_config
 from .errors import UserError
@@ -137,6 +137,7 @@ def share_plan(accelerator, explicit: dict[str, Any]) -> RunPlan:
     if accelerator.is_main_process:
         try:
             plan = plan_run(explicit)
+            elastic.remember_run_dir(plan.run_dir)  # where a restarted group goes on
         except (UserError, ValueError) as exc:
             plan = RunPlan(error=str(exc))
     if accelerator.num_processes > 1:
