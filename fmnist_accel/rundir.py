@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .checkpoint import CHECKPOINT_NAMES, atomic_write_text
 from .errors import UserError
+from .writes import write_failed
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -232,9 +233,14 @@ class MetricsLog:
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def append(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+        """A failed write (a full disk) may leave a torn last line: read() skips it, and a
+        resume rewrites the file without it (keep_epochs_up_to)."""
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+        except OSError as exc:
+            raise write_failed(self.path, exc) from None
 
     def read(self) -> list[dict]:
         """The records; a line torn by a kill in mid-append is skipped."""
