@@ -19,6 +19,7 @@ import os
 import sys
 import time
 import warnings
+from contextlib import suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from . import elastic, rundir
+from .agreement import main_process_writes
 from .averaging import WeightEMA
 from .checkpoint import (
     atomic_copy,
@@ -55,12 +57,20 @@ from .engine import (
     evaluate,
     train_one_epoch,
 )
-from .errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, TrainingDiverged, UserError
+from .errors import (
+    EXIT_DIVERGED,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    TrainingDiverged,
+    UserError,
+    WriteFailed,
+)
 from .hardware import describe, make_accelerator, thread_note
 from .models import build_model, count_parameters
 from .preemption import StopRequest
 from .report import Reporter, seconds_since_process_start
 from .runplan import RunPlan, share_plan
+from .writes import log_scalars
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,20 +389,23 @@ def save_resume(s: Session, epoch_done: int, progress: EpochProgress) -> None:
             "best": s.best.state_dict(),
             "rank_states": rank_states,
         }
-        save_resume_state(s.run_dir / rundir.RESUME, state)
-    s.accelerator.wait_for_everyone()
+    # Every rank waits for the write, and learns if it failed (a full disk).
+    with main_process_writes(s.accelerator):
+        if s.accelerator.is_main_process:
+            save_resume_state(s.run_dir / rundir.RESUME, state)
 
 
 def start_outputs(s: Session, state: dict | None) -> None:
     """config.json, metrics.jsonl cut back to the resume point, TensorBoard (main only)."""
     accelerator = s.accelerator
-    if accelerator.is_main_process:
-        if state is None:
-            config_text = json.dumps(s.cfg.to_dict(), indent=2) + "\n"
-            atomic_write_text(s.run_dir / rundir.CONFIG, config_text)
-        s.metrics.keep_epochs_up_to(s.start_epoch)
-        if state is not None:
-            repair_checkpoints(s, state)
+    with main_process_writes(accelerator):
+        if accelerator.is_main_process:
+            if state is None:
+                config_text = json.dumps(s.cfg.to_dict(), indent=2) + "\n"
+                atomic_write_text(s.run_dir / rundir.CONFIG, config_text)
+            s.metrics.keep_epochs_up_to(s.start_epoch)
+            if state is not None:
+                repair_checkpoints(s, state)
     accelerator.project_configuration.set_directories(str(s.run_dir))
     accelerator.project_configuration.logging_dir = str(s.run_dir)
     accelerator.init_trackers(
@@ -492,7 +505,7 @@ def log_epoch(s: Session, record: dict) -> None:
         )
     if "test_loss" in record:
         scalars.update({"Loss/test": record["test_loss"], "Accuracy/test": record["test_accuracy"]})
-    s.accelerator.log(scalars, step=record["epoch"])
+    log_scalars(s.accelerator, scalars, record["epoch"], s.run_dir / rundir.TENSORBOARD)
 
 
 def write_checkpoints(s: Session, record: dict) -> None:
@@ -592,6 +605,11 @@ def run_training(accelerator, explicit: dict[str, Any]) -> int:
     stop_request = StopRequest().install()
     try:
         status, exit_code, detail, epoch = train_epochs(s, stop_request)
+    except WriteFailed as exc:  # every rank has it (agreement.main_process_writes)
+        detail = f"{exc}; free some space, then resume with --resume {s.run_dir}"
+        with suppress(WriteFailed):  # summary.json if the disk still takes it
+            finish(s, "write-failed", detail, None)
+        raise WriteFailed(detail) from None
     finally:
         stop_request.uninstall()
     finish(s, status, detail, epoch)
@@ -673,12 +691,14 @@ def train_epochs(s: Session, stop_request: StopRequest) -> tuple[str, int, str, 
         s.elapsed += time.perf_counter() - epoch_started
         record.update(epoch_time=time.perf_counter() - epoch_started, elapsed=s.elapsed)
         record_test_metrics(s, record)
-        if accelerator.is_main_process:
-            log_epoch(s, record)
+        with main_process_writes(accelerator):
+            if accelerator.is_main_process:
+                log_epoch(s, record)
         s.progress = EpochProgress()
         save_resume(s, epoch, s.progress)
-        if accelerator.is_main_process:
-            write_checkpoints(s, record)
+        with main_process_writes(accelerator):
+            if accelerator.is_main_process:
+                write_checkpoints(s, record)
         reporter.epoch_end(record, cfg.epochs)
         if stop_early:
             detail = (
@@ -695,7 +715,7 @@ def train_epochs(s: Session, stop_request: StopRequest) -> tuple[str, int, str, 
     return "completed", EXIT_OK, "", epoch
 
 
-def finish(s: Session, status: str, detail: str, epoch: int) -> None:
+def finish(s: Session, status: str, detail: str, epoch: int | None) -> None:
     """summary.json, with where every rank ended: they must agree."""
     from accelerate.utils import gather_object
 
@@ -721,7 +741,9 @@ def finish(s: Session, status: str, detail: str, epoch: int) -> None:
             "elapsed": s.elapsed,
             "ranks": ranks,
         }
-        atomic_write_text(s.run_dir / rundir.SUMMARY, json.dumps(summary, indent=2) + "\n")
+    with main_process_writes(s.accelerator):
+        if s.accelerator.is_main_process:
+            atomic_write_text(s.run_dir / rundir.SUMMARY, json.dumps(summary, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
