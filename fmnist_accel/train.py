@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from . import elastic, rundir
-from .agreement import main_process_writes
+from .agreement import main_process_writes, say_it_and_leave_together
 from .averaging import WeightEMA
 from .checkpoint import (
     atomic_copy,
@@ -65,7 +65,7 @@ from .errors import (
     UserError,
     WriteFailed,
 )
-from .hardware import describe, make_accelerator, thread_note
+from .hardware import describe, end_accelerator, make_accelerator, thread_note
 from .models import build_model, count_parameters
 from .preemption import StopRequest
 from .report import Reporter, seconds_since_process_start
@@ -580,10 +580,13 @@ def train(explicit: dict[str, Any]) -> int:
     accelerator = make_training_accelerator(cfg)
     try:
         return run_training(accelerator, explicit)
+    except UserError as exc:  # the same on every rank: the main one says it before any exits
+        say_it_and_leave_together(accelerator, exc)
+        raise
     finally:
         rundir.release_locks()  # the run is over, whatever happens to this process next
         # Tear the process group down before exit: gloo's threads otherwise abort at exit.
-        accelerator.end_training()
+        end_accelerator(accelerator)
 
 
 def run_training(accelerator, explicit: dict[str, Any]) -> int:
