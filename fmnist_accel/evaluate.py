@@ -9,11 +9,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from .agreement import agree, say_it_and_leave_together
 from .data import CLASS_NAMES, Split, load_split, train_valid_split
 from .device_data import EvalSet
 from .engine import EvalResult, evaluate
 from .errors import UserError
-from .hardware import make_accelerator
+from .hardware import end_accelerator, make_accelerator
 from .inference import data_dir_for, model_from_checkpoint
 from .rundir import resolve_checkpoint
 
@@ -28,6 +29,26 @@ def run_eval(
     split: str,
     as_json: bool,
 ) -> int:
+    # The group first, then every check inside agree(): an error on any rank becomes the
+    # same error on every rank, printed by the main process before any of them exits.
+    accelerator = make_accelerator()
+    try:
+        path, model, meta, images = agree(
+            accelerator, lambda: eval_inputs(checkpoint, run_dir, output_dir, data_dir, split)
+        )
+        return evaluate_and_report(
+            accelerator, path, model, meta, images, split, batch_size, tta, as_json
+        )
+    except UserError as exc:
+        say_it_and_leave_together(accelerator, exc)
+        raise
+    finally:
+        # Tear the process group down before exit: gloo's threads otherwise abort at exit.
+        end_accelerator(accelerator)
+
+
+def eval_inputs(checkpoint: str, run_dir, output_dir: str, data_dir, split: str):
+    """(checkpoint path, model, metadata, images to evaluate), or a UserError."""
     path = resolve_checkpoint(checkpoint, run_dir, output_dir)
     model, meta = model_from_checkpoint(path)
     config = meta.get("config", {})
@@ -36,15 +57,7 @@ def run_eval(
             f"{path} was trained with --valid-size 0 (on all training images): it has no "
             "validation split; evaluate the test split"
         )
-    accelerator = make_accelerator()
-    try:
-        images = eval_split(data_dir_for(meta, data_dir), split, config)
-        return evaluate_and_report(
-            accelerator, path, model, meta, images, split, batch_size, tta, as_json
-        )
-    finally:
-        # Tear the process group down before exit: gloo's threads otherwise abort at exit.
-        accelerator.end_training()
+    return path, model, meta, eval_split(data_dir_for(meta, data_dir), split, config)
 
 
 def eval_split(data_dir: str, split: str, config: dict) -> Split:
