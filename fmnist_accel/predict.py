@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -40,6 +41,11 @@ def run_predict(
     save_path: str | None,
     as_json: bool,
 ) -> int:
+    if int(os.environ.get("RANK", "0")) != 0:
+        # Started by a multi-process launcher: one image needs one process. The others end
+        # at once and successfully, so the launcher stops nobody before the main process
+        # has printed its answer or its error.
+        return 0
     path = resolve_checkpoint(checkpoint, run_dir, output_dir)
     model, meta = model_from_checkpoint(path)
     true_label = None
