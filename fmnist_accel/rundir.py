@@ -118,7 +118,7 @@ def check_writable(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{os.getpid()}"
         probe.write_text("")
-        probe.unlink()
+        probe.unlink(missing_ok=True)  # a lock holder may have cleared it (remove_temp_files)
     except OSError as exc:
         raise UserError(f"cannot write to {folder}: {exc.strerror or exc}") from None
 
@@ -136,7 +136,8 @@ _held_locks: list = []
 def claim_run_dir(folder: Path) -> str | None:
     """Create folder, prove it writable (check_writable), then hold folder/.lock until the
     run ends (release_locks) or this process exits; raise RunInUse if another process
-    holds it.
+    holds it. Then remove the temporary files that interrupted writes left there, whether
+    the run is resumed or started again in the same folder.
 
     Two processes training into one folder (a job resumed twice, a requeued job whose first
     copy still runs) would overwrite each other's checkpoints and delete each other's
@@ -160,11 +161,13 @@ def claim_run_dir(folder: Path) -> str | None:
         raise run_in_use(folder) from None
     except OSError as exc:
         handle.close()
+        remove_temp_files(folder)
         return (
             f"note: {folder} could not be locked ({exc.strerror or exc}): nothing stops a "
             "second training process from using it at the same time"
         )
     _held_locks.append(handle)
+    remove_temp_files(folder)  # of writes a kill interrupted, in this folder before
     return None
 
 
@@ -212,11 +215,20 @@ def remove_unused(folder: Path) -> None:
             pass  # something appeared meanwhile: leave it; the data error matters more
 
 
+# The temporary files that writers in a run folder make: checkpoint.atomic_write's
+# .<target>.<random>.tmp, check_writable's probe, and .tmp + 6 letters or digits, the name
+# that safetensors' save_file (Rust's tempfile crate) used before checkpoints were written
+# through atomic_write alone: a run folder from an older version may hold one.
+TEMP_FILE_PATTERNS = (".*.tmp", ".write-test-*", ".tmp" + "[A-Za-z0-9]" * 6)
+
+
 def remove_temp_files(folder: Path) -> None:
-    """Delete the temporary files of writes that a kill interrupted (checkpoint.atomic_write
-    names them .<target>.<random>.tmp); the files they were to replace are intact."""
-    for tmp in Path(folder).glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+    """Delete the temporary files of writes that a kill interrupted; the files they were to
+    replace are intact. Only the holder of the folder's lock may call it."""
+    for pattern in TEMP_FILE_PATTERNS:
+        for tmp in Path(folder).glob(pattern):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
 
 
 class MetricsLog:
