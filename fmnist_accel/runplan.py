@@ -59,7 +59,6 @@ def plan_run(explicit: dict[str, Any]) -> RunPlan:
             f"--epochs cannot change when resuming a run with the {saved['scheduler']} "
             "schedule: its learning rates are fixed by the original length"
         )
-    rundir.remove_temp_files(resume_dir)
     plan = RunPlan(
         run_dir=str(resume_dir), config=resumed, resume_state=state, notes=[note] if note else []
     )
