@@ -286,14 +286,21 @@ def build_session(accelerator, plan: RunPlan, cfg: TrainConfig, reporter: Report
 
     try:
         full_train, test = load_data(accelerator, cfg)
-    except UserError:
+        train_split, valid_split = train_valid_split(full_train, cfg.valid_size, cfg.seed)
+        stream = TrainStream(
+            train_split,
+            device,
+            cfg.batch_size,
+            world,
+            rank,
+            cfg.seed,
+            cfg.augment,
+            cfg.channels_last,
+        )
+    except UserError:  # bad data, or too few images per process
         if accelerator.is_main_process and state is None:
             rundir.remove_unused(run_dir)  # made only to prove it writable: leave no empty run
         raise
-    train_split, valid_split = train_valid_split(full_train, cfg.valid_size, cfg.seed)
-    stream = TrainStream(
-        train_split, device, cfg.batch_size, world, rank, cfg.seed, cfg.augment, cfg.channels_last
-    )
 
     def eval_set(split):
         return EvalSet(split, device, world, rank, cfg.channels_last) if split else None
