@@ -23,6 +23,7 @@ from fmnist_accel.checkpoint import (
     save_model_checkpoint,
     save_resume_state,
 )
+from fmnist_accel.config import TrainConfig
 from fmnist_accel.errors import UserError, WriteFailed
 from fmnist_accel.inference import model_from_checkpoint
 from fmnist_accel.models import build_model
@@ -30,6 +31,28 @@ from fmnist_accel.models import build_model
 
 def tmp_leftovers(folder: Path) -> list[str]:
     return [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def resume_state(model: torch.nn.Module, optimizer) -> dict:
+    """A complete resume state of one process, as train.save_resume writes it."""
+    return {
+        "config": TrainConfig(model="mlp").to_dict(),
+        "epoch": 1,
+        "step": 0,
+        "elapsed": 1.5,
+        "world_size": 1,
+        "model": model.state_dict(),
+        "ema": None,
+        "optimizer": optimizer.state_dict(),
+        "plateau": None,
+        "step_scheduler": None,
+        "grad_scaler": None,
+        "early_stopping": {"best": 0.5, "bad_epochs": 0},
+        "best": {"metric": "valid_accuracy", "value": 0.5, "epoch": 3},
+        "rank_states": [
+            {"cpu_rng": torch.get_rng_state(), "cuda_rng": None, "loss_sum": 0.0, "count": 0}
+        ],
+    }
 
 
 def mlp_checkpoint(path: Path, seed: int = 0, **meta) -> torch.nn.Module:
@@ -119,13 +142,8 @@ def test_resume_state_round_trips_with_weights_only(tmp_path):
     optimizer = torch.optim.Adam(model.parameters())
     model(torch.randn(2, 1, 28, 28)).sum().backward()
     optimizer.step()
-    state = {
-        "epoch": 4,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "rng": torch.get_rng_state(),
-        "best": {"metric": "valid_accuracy", "value": 0.5, "epoch": 3},
-    }
+    state = resume_state(model, optimizer)
+    state.update(epoch=4, rng=torch.get_rng_state())
     save_resume_state(path, state)
     assert tmp_leftovers(tmp_path) == []
     direct = torch.load(path, weights_only=True)  # no arbitrary pickles inside
