@@ -33,7 +33,9 @@ from .averaging import WeightEMA
 from .checkpoint import (
     atomic_copy,
     atomic_write_text,
+    check_optimizer_state,
     checkpoint_epoch,
+    resume_state_must_fit,
     save_model_checkpoint,
     save_resume_state,
 )
@@ -334,7 +336,9 @@ def build_session(accelerator, plan: RunPlan, cfg: TrainConfig, reporter: Report
         lr=lr,
     )
     if state is not None:
-        load_state(s, state)
+        with resume_state_must_fit(run_dir / rundir.RESUME):  # edited by hand: one line
+            load_state(s, state)
+            check_optimizer_state(s.optimizer)
     s.model, s.optimizer = accelerator.prepare(model, optimizer)
     if state is not None and state.get("grad_scaler") and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(state["grad_scaler"])
