@@ -12,7 +12,7 @@ from typing import Any
 
 from . import elastic, rundir
 from .checkpoint import load_resume_state
-from .config import RESUMABLE_OVERRIDES, TrainConfig, resolve_config
+from .config import RESUMABLE_OVERRIDES, TrainConfig, config_dict_problem, resolve_config
 from .errors import UserError
 
 
@@ -38,8 +38,11 @@ def plan_run(explicit: dict[str, Any]) -> RunPlan:
         return RunPlan(run_dir=str(run_dir), config=cfg.to_dict(), notes=[note] if note else [])
 
     note = rundir.claim_run_dir(resume_dir)  # before reading what another process may write
-    state = load_resume_state(resume_dir / rundir.RESUME)
-    saved = state["config"]
+    if (resume_dir / rundir.RESUME).is_file():
+        state = load_resume_state(resume_dir / rundir.RESUME)
+        saved = state["config"]
+    else:  # stopped in its first epoch, before any state was saved: it starts again there
+        state, saved = None, saved_config(resume_dir)
     conflicts = conflicting_options(explicit, saved)
     if conflicts:
         key = conflicts[0]
@@ -62,13 +65,30 @@ def plan_run(explicit: dict[str, Any]) -> RunPlan:
     plan = RunPlan(
         run_dir=str(resume_dir), config=resumed, resume_state=state, notes=[note] if note else []
     )
+    if state is None:
+        plan.notes.append(
+            f"note: {resume_dir} stopped before it saved any state: it trains again from epoch 1"
+        )
     status = rundir.run_status(resume_dir)
     # A completed run goes on only if --epochs now asks for more; the others have ended.
-    if status in rundir.FINISHED_STATUSES and not (
-        status == "completed" and state["epoch"] < resumed["epochs"]
+    if (
+        state is not None
+        and status in rundir.FINISHED_STATUSES
+        and not (status == "completed" and state["epoch"] < resumed["epochs"])
     ):
         plan.finished = status
     return plan
+
+
+def saved_config(run_dir: Path) -> dict:
+    """The config.json of a run that saved no state yet, checked like a resume state's."""
+    values = rundir.read_json(run_dir / rundir.CONFIG)
+    problem = config_dict_problem(values) if values is not None else "it cannot be read"
+    if problem is None and not {"epochs", "scheduler"} <= set(values):
+        problem = "it lacks epochs or scheduler"
+    if problem:
+        raise UserError(f"{run_dir / rundir.CONFIG} is damaged: {problem}")
+    return values
 
 
 def new_run_dir(cfg: TrainConfig, output_dir: Path) -> tuple[Path, str | None]:
@@ -111,6 +131,8 @@ def find_resume_dir(cfg: TrainConfig, output_dir: Path, explicit: dict[str, Any]
             path = path.parent
         if not (path / rundir.RESUME).is_file():
             rundir.raise_if_in_use(path)  # a live run in its first epoch: say so instead
+            if rundir.is_run_dir(path):
+                return path  # killed in its first epoch: plan_run starts it again there
             raise UserError(f"--resume {cfg.resume}: no {rundir.RESUME} there to resume from")
         return path
     if cfg.run_name:
