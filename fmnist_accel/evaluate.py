@@ -4,6 +4,7 @@ several processes."""
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 from rich.console import Console
@@ -52,7 +53,12 @@ def eval_inputs(checkpoint: str, run_dir, output_dir: str, data_dir, split: str)
     path = resolve_checkpoint(checkpoint, run_dir, output_dir)
     model, meta = model_from_checkpoint(path)
     config = meta.get("config", {})
-    if split == "valid" and not config.get("valid_size"):
+    if split == "valid" and not {"valid_size", "seed"} <= set(config):
+        raise UserError(
+            f"{path} has no valid_size and seed in its metadata: its validation split cannot "
+            "be rebuilt; evaluate the test split"
+        )
+    if split == "valid" and not config["valid_size"]:
         raise UserError(
             f"{path} was trained with --valid-size 0 (on all training images): it has no "
             "validation split; evaluate the test split"
@@ -89,10 +95,22 @@ def evaluate_and_report(
     if accelerator.is_main_process:
         report = eval_report(result, str(path), meta, tta, accelerator.num_processes, split)
         if as_json:
-            print(json.dumps(report))
+            print(json.dumps(finite_or_null(report), allow_nan=False))
         else:
             print_tables(report)
     return 0
+
+
+def finite_or_null(value):
+    """`value` with every nan or inf replaced by None: json.dumps would write NaN, which is
+    not JSON (a model whose logits overflow has a non-finite loss)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_null(v) for v in value]
+    return value
 
 
 def eval_report(
