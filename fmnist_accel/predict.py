@@ -11,6 +11,7 @@ import torch
 from .data import CLASS_NAMES, load_split
 from .device_data import normalise
 from .errors import UserError
+from .evaluate import finite_or_null
 from .inference import data_dir_for, model_from_checkpoint
 from .rundir import resolve_checkpoint
 
@@ -77,7 +78,7 @@ def run_predict(
         save_figure(image, result, Path(save_path))
         result["figure"] = save_path
     if as_json:
-        print(json.dumps(result))
+        print(json.dumps(finite_or_null(result), allow_nan=False))
     else:
         print(
             f"{source}: {result['predicted_class']} ({result['probability']:.1%})"
