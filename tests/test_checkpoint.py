@@ -283,3 +283,33 @@ def test_bad_resume_state(tmp_path, kind):
     with pytest.raises(UserError) as exc:
         load_resume_state(path)
     assert str(path) in one_line(exc)
+
+
+def test_checkpoint_writes_go_through_one_temporary_file_of_ours(tmp_path):
+    """Every name that appears in the folder while checkpoints are written is the target or
+    atomic_write's .<target>.<random>.tmp. safetensors' save_file writes through a
+    .tmpXXXXXX file of its own first: a kill during it left that file behind, unknown to the
+    cleanup of the time (rundir.TEMP_FILE_PATTERNS now also removes such leftovers)."""
+    import threading
+
+    seen: set[str] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.update(os.listdir(tmp_path))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for seed in range(3):  # 40 MB each: long enough writes to be seen
+            save_model_checkpoint(
+                tmp_path / "last.safetensors", {"w": torch.full((10_000_000,), float(seed))}, {}
+            )
+    finally:
+        done.set()
+        watcher.join()
+    temporary = seen - {"last.safetensors"}
+    assert temporary, "the watcher saw no temporary file: it proves nothing"
+    others = [n for n in temporary if not Path(n).match(".last.safetensors.*.tmp")]
+    assert others == [], others
