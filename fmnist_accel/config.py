@@ -248,7 +248,8 @@ def config_dict_problem(values: Any) -> str | None:
     of another type than its option's), or None. Keys it lacks take their defaults: a run
     saved by an older version lacks the options added since."""
     if not isinstance(values, dict):
-        return f"its config is {type(values).__name__}, not an object"
+        kinds = {list: "a list", str: "a string", int: "a number", float: "a number"}
+        return f"its config is {kinds.get(type(values), repr(values))}, not an object"
     hints = typing.get_type_hints(TrainConfig)
     unknown = sorted(set(values) - set(hints))
     if unknown:

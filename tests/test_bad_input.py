@@ -36,7 +36,12 @@ from safetensors.torch import load_file, save_file
 
 from fmnist_accel.checkpoint import METADATA_KEY, load_model_checkpoint, load_resume_state
 from fmnist_accel.data import raw_dir
-from fmnist_accel.errors import EXIT_DIVERGED, EXIT_USER_ERROR
+from fmnist_accel.errors import (
+    EXIT_DIVERGED,
+    EXIT_PEER_FAILED,
+    EXIT_USER_ERROR,
+    EXIT_WRITE_FAILED,
+)
 from fmnist_accel.inference import model_from_checkpoint
 
 TRAIN_FAST = ("--model", "mlp", "--epochs", "1", "--batch-size", "64")
@@ -194,7 +199,7 @@ def make_bad_checkpoint(ws: Workspace, kind: str) -> tuple[Path, tuple[str, ...]
         expected = (f"{path} does not fit the mlp architecture", "int64 instead of float32")
     elif kind == "config-not-object":
         meta["config"] = ["mlp", 2]
-        expected = (f"{path} has damaged metadata: its config is list, not an object",)
+        expected = (f"{path} has damaged metadata: its config is a list, not an object",)
     elif kind == "epoch-not-a-number":
         meta["epoch"] = "two"
         expected = (f"{path} has damaged metadata: epoch is 'two', not a number of epochs",)
@@ -370,7 +375,7 @@ def test_zero_or_negative_numeric_option(ws, cli, args):
     ],
     ids=" ".join,
 )
-def test_option_beyond_float32(ws, cli, args):
+def test_option_too_large_for_float_arithmetic(ws, cli, args):
     """Finite, but beyond what the optimizer's float32 arithmetic holds: an overflow
     traceback at the first step ('--lr 1e30' still trains, and stops with exit 3)."""
     before = ws.snapshot()
@@ -555,7 +560,7 @@ def test_nonfinite_loss_message_is_one_line_on_stderr(diverged):
 
 
 def test_exit_codes_are_the_documented_ones():
-    assert (EXIT_USER_ERROR, EXIT_DIVERGED) == (2, 3)
+    assert (EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_PEER_FAILED, EXIT_WRITE_FAILED) == (2, 3, 4, 74)
 
 
 def test_every_case_in_the_docs_has_a_test_and_every_test_a_row():
