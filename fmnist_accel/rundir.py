@@ -62,10 +62,13 @@ def runs_newest_first(output_dir: Path) -> list[Path]:
 
 
 def read_json(path: Path) -> dict | None:
+    """The JSON object in `path`, or None (missing, unreadable, not JSON, or not an object:
+    an edited summary.json holding a list must not break the code that reads it)."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
+        value = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    return value if isinstance(value, dict) else None
 
 
 def run_status(run_dir: Path) -> str | None:

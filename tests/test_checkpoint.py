@@ -313,3 +313,17 @@ def test_checkpoint_writes_go_through_one_temporary_file_of_ours(tmp_path):
     assert temporary, "the watcher saw no temporary file: it proves nothing"
     others = [n for n in temporary if not Path(n).match(".last.safetensors.*.tmp")]
     assert others == [], others
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '"completed"', "{bad json", "\xff\xfe"])
+def test_run_files_edited_into_something_else_read_as_missing(tmp_path, text):
+    """summary.json or config.json edited into a list, a string or garbage: read_json gives
+    None (as for a missing file), so no caller meets a list where it expects an object (a
+    summary.json holding a list made `train --resume` fail with an AttributeError)."""
+    from fmnist_accel.rundir import read_json, run_status
+
+    (tmp_path / "summary.json").write_bytes(text.encode("latin-1"))
+    assert read_json(tmp_path / "summary.json") is None
+    assert run_status(tmp_path) is None
+    (tmp_path / "summary.json").write_text('{"status": "completed"}')
+    assert run_status(tmp_path) == "completed"
