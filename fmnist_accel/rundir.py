@@ -170,8 +170,25 @@ def claim_run_dir(folder: Path) -> str | None:
             "second training process from using it at the same time"
         )
     _held_locks.append(handle)
+    check_layout(folder)
     remove_temp_files(folder)  # of writes a kill interrupted, in this folder before
     return None
+
+
+def check_layout(folder: Path) -> None:
+    """Raise UserError when a name the run writes is taken by the wrong kind of entry (a
+    folder called summary.json, a file called tensorboard): found now, before training, not
+    as a traceback at the first write or at the end of the run."""
+    for name in (CONFIG, METRICS, RESUME, SUMMARY, *(f"{n}.safetensors" for n in CHECKPOINT_NAMES)):
+        path = folder / name
+        if path.exists() and not path.is_file():
+            kind = "a folder" if path.is_dir() else "not a regular file"
+            raise UserError(f"{path} is {kind}: the run writes a file there; move it away")
+    events = folder / TENSORBOARD
+    if events.exists() and not events.is_dir():
+        raise UserError(
+            f"{events} is a file: the run writes its TensorBoard folder there; move it away"
+        )
 
 
 def raise_if_in_use(folder: Path) -> None:

@@ -287,6 +287,31 @@ def test_edited_resume_state(ws, cli, edit):
     check_nothing_damaged(ws, before)
 
 
+@pytest.mark.parametrize("entry", ["tensorboard-file", "metrics-folder", "summary-folder"])
+def test_run_folder_entry_of_the_wrong_kind(ws, cli, entry):
+    """A name the run writes, taken by the wrong kind of entry: found when the run folder is
+    taken, before training (a file called tensorboard gave a traceback at start, a folder
+    called summary.json a failed write after the whole run)."""
+    broken = ws.runs / "odd"
+    shutil.copytree(ws.existing, broken)
+    name, kind = {
+        "tensorboard-file": ("tensorboard", "a file: the run writes its TensorBoard folder"),
+        "metrics-folder": ("metrics.jsonl", "a folder: the run writes a file there"),
+        "summary-folder": ("summary.json", "a folder: the run writes a file there"),
+    }[entry]
+    path = broken / name
+    if path.is_dir():
+        shutil.rmtree(path)
+        path.write_text("not a folder\n")
+    else:
+        path.unlink()
+        path.mkdir()
+    before = ws.snapshot()
+    res = cli("train", "--resume", broken, "--epochs", "3", "--data-dir", ws.data)
+    assert_one_line_error(res, f"{path} is {kind}")
+    check_nothing_damaged(ws, before)
+
+
 def test_run_killed_in_its_first_epoch_started_again_by_name(ws, cli):
     """Killed in epoch 1, before any state was saved: a plain rerun with the same --run-name
     refuses to overwrite the folder, and says how to continue it; --resume RUN (which used
