@@ -12,6 +12,7 @@ This module imports no torch, so that `fmnist-accel --help` stays fast.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -255,6 +256,7 @@ def config_dict_problem(values: Any) -> str | None:
     if unknown:
         return f"its config has unknown keys {unknown}"
     names = {int: "an integer", float: "a number", str: "a string", bool: "true/false"}
+    limits = {f.name: f.metadata for f in config_fields()}
     for key, value in values.items():
         allowed = typing.get_args(hints[key]) or (hints[key],)  # e.g. (str, NoneType)
         # An integer is a fine number; True is an int to Python but not to a numeric option.
@@ -262,7 +264,20 @@ def config_dict_problem(values: Any) -> str | None:
         if not fits or (isinstance(value, bool) and bool not in allowed):
             wanted = " or ".join(names.get(t, "null") for t in allowed)
             return f"its config has {key} = {value!r}, not {wanted}"
+        if value is not None and not within_limits(value, limits[key]):
+            return f"its config has {key} = {value!r}, outside what the option allows"
     return None
+
+
+def within_limits(value: Any, meta: dict) -> bool:
+    """Whether a saved option value obeys its field's choices, min (open or not) and max."""
+    if "choices" in meta:
+        return value in meta["choices"]
+    if "min" in meta and (value <= meta["min"] if meta.get("min_open") else value < meta["min"]):
+        return False
+    if meta.get("max") is not None and value > meta["max"]:
+        return False
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:

@@ -200,6 +200,9 @@ def make_bad_checkpoint(ws: Workspace, kind: str) -> tuple[Path, tuple[str, ...]
     elif kind == "config-not-object":
         meta["config"] = ["mlp", 2]
         expected = (f"{path} has damaged metadata: its config is a list, not an object",)
+    elif kind == "config-out-of-range":  # a negative split size: a wrong --split valid
+        meta["config"]["valid_size"] = -5
+        expected = (f"{path} has damaged metadata: its config has valid_size = -5, outside",)
     elif kind == "epoch-not-a-number":
         meta["epoch"] = "two"
         expected = (f"{path} has damaged metadata: epoch is 'two', not a number of epochs",)
@@ -221,6 +224,7 @@ def make_bad_checkpoint(ws: Workspace, kind: str) -> tuple[Path, tuple[str, ...]
         ("non-finite", "eval"),
         ("integer-weights", "predict"),
         ("config-not-object", "eval"),
+        ("config-out-of-range", "eval"),
         ("epoch-not-a-number", "predict"),
     ],
 )
