@@ -1,3 +1,9 @@
 """fmnist-accel: Fashion-MNIST training through Hugging Face Accelerate."""
 
 __version__ = "0.1.0"
+
+# A process of a restarted launch whose earlier attempt ended on purpose (bad input, a stop
+# signal...) exits here, before anything heavy is imported: see elastic.py.
+from . import elastic as _elastic  # noqa: E402
+
+_elastic.exit_if_an_earlier_attempt_chose_to()

@@ -8,22 +8,27 @@
 
 Every write goes to a temporary file in the same folder, is flushed to disk, and then
 os.replace()s the old file: a kill at any moment leaves either the old or the new file,
-never a torn one.
+never a torn one. A write that fails (a full disk) removes its temporary file and raises
+WriteFailed, one line naming the file and the free space (writes.py).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .config import config_dict_problem
 from .errors import UserError
+from .writes import write_failed
 
 FORMAT = "fmnist-accel/1"
 METADATA_KEY = "fmnist_accel"
@@ -40,9 +45,13 @@ def first_sentence(exc: Exception) -> str:
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path), fsync it, then rename it over `path` in one step."""
+    """Call write(tmp_path), fsync it, then rename it over `path` in one step. An OSError
+    (no space left, a quota, an I/O error) becomes WriteFailed; `path` is left as it was."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise write_failed(path, exc) from None
     os.close(fd)
     try:
         write(tmp)
@@ -50,6 +59,9 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise write_failed(path, exc) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -100,11 +112,15 @@ def checkpoint_epoch(path: Path) -> int | None:
 
 
 def save_model_checkpoint(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict) -> None:
-    from safetensors.torch import save_file
+    # safetensors.save() gives the file's bytes, written here into our own temporary file:
+    # save_file() would write through a temporary file of its own (.tmpXXXXXX), which a kill
+    # would leave behind under a name no cleanup knows.
+    from safetensors.torch import save
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     header = {METADATA_KEY: json.dumps({"format": FORMAT, **metadata})}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    data = save(tensors, metadata=header)
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def load_model_checkpoint(
@@ -138,11 +154,42 @@ def load_model_checkpoint(
         raise UserError(
             f"{path} has checkpoint format {metadata.get('format')!r}, expected {FORMAT}"
         )
+    problem = metadata_problem(metadata)
+    if problem:
+        raise UserError(f"{path} has damaged metadata: {problem}")
+    bad = next((k for k, v in state_dict.items() if not_all_finite(v)), None)
+    if bad is not None:
+        raise UserError(
+            f"{path} holds non-finite weights ({bad} has nan or inf values): training never "
+            "saves such weights; use another checkpoint"
+        )
     return state_dict, metadata
 
 
+def metadata_problem(metadata: dict) -> str | None:
+    """What makes a checkpoint's metadata unusable (edited by hand), or None. The model name
+    is checked where the model is built (inference.py)."""
+    epoch = metadata.get("epoch")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+        return f"epoch is {epoch!r}, not a number of epochs"
+    if not isinstance(metadata.get("metrics", {}), dict):
+        return "its metrics are not an object"
+    if "config" in metadata:
+        return config_dict_problem(metadata["config"])
+    return None
+
+
+def not_all_finite(tensor: torch.Tensor) -> bool:
+    return tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+
+
 def save_resume_state(path: Path, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: torch.save({"format": FORMAT, **state}, tmp))
+    # Serialised in memory, then written as bytes: torch.save() to a path reports a full
+    # disk as a RuntimeError from its C++ stream ("unexpected pos"), not as an OSError.
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, **state}, buffer)
+    data = buffer.getbuffer()
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def load_resume_state(path: Path) -> dict[str, Any]:
@@ -156,4 +203,108 @@ def load_resume_state(path: Path) -> dict[str, Any]:
         raise UserError(f"{path} is not a readable resume state ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UserError(f"{path} is not an fmnist-accel resume state")
+    problem = resume_state_problem(state)
+    if problem:
+        raise UserError(f"{path} is damaged: {problem}; resume from another copy or start anew")
     return state
+
+
+# What resume.pt holds (train.save_resume) and the types a resume relies on; None: may be null.
+_RESUME_FIELDS = {
+    "config": dict,
+    "epoch": int,
+    "step": int,
+    "elapsed": (int, float),
+    "world_size": int,
+    "model": dict,
+    "ema": (dict, None),
+    "optimizer": dict,
+    "plateau": (dict, None),
+    "step_scheduler": (dict, None),
+    "grad_scaler": (dict, None),
+    "early_stopping": dict,
+    "best": dict,
+    "rank_states": list,
+}
+_RANK_FIELDS = {"cpu_rng": torch.Tensor, "loss_sum": (int, float), "count": int}
+
+
+def resume_state_problem(state: dict) -> str | None:
+    """What makes a resume state unusable (edited by hand, written by something else), or
+    None. Tensors that do not fit the model are found when they are loaded (train.py)."""
+    for key, kinds in _RESUME_FIELDS.items():
+        problem = _field_problem(state, key, kinds)
+        if problem:
+            return problem
+    if state["epoch"] < 0 or state["step"] < 0 or state["world_size"] < 1:
+        return "epoch, step or world_size is negative"
+    if not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
+        return "its model weights are not all tensors"
+    ranks = state["rank_states"]
+    if len(ranks) != state["world_size"] or not all(isinstance(r, dict) for r in ranks):
+        return f"it holds {len(ranks)} rank states for world_size {state['world_size']}"
+    rng_size = torch.get_rng_state().numel()
+    for rank_state in ranks:
+        for key, kinds in _RANK_FIELDS.items():
+            problem = _field_problem(rank_state, key, kinds)
+            if problem:
+                return f"a rank state: {problem}"
+        rng = rank_state["cpu_rng"]
+        if rng.dtype != torch.uint8 or rng.numel() != rng_size:
+            return "a rank state's cpu_rng is not a CPU random generator state"
+    problem = config_dict_problem(state["config"])
+    if problem is None and not {"epochs", "scheduler"} <= set(state["config"]):
+        problem = "its config lacks epochs or scheduler"
+    return problem
+
+
+_KIND_NAMES = {
+    dict: "an object",
+    list: "a list",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "true/false",
+    type(None): "null",
+    torch.Tensor: "a tensor",
+}
+
+
+def _field_problem(mapping: dict, key: str, kinds) -> str | None:
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    if key not in mapping:
+        return f"{key} is missing"
+    value = mapping[key]
+    types = tuple(type(None) if k is None else k for k in kinds)
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        found = next((n for t, n in _KIND_NAMES.items() if type(value) is t), "something else")
+        wanted = " or ".join(_KIND_NAMES.get(t, t.__name__) for t in types)
+        return f"{key} is {found}, not {wanted}"
+    return None
+
+
+@contextmanager
+def resume_state_must_fit(path: Path) -> Iterator[None]:
+    """Loading a resume state into the run's model and optimizer: what does not fit (a
+    tensor of another shape, a missing key: an edited or foreign file) becomes one line."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        # load_state_dict: "Error(s) in loading state_dict for MLP:", then one line per problem
+        reason = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s)") else None
+        reason = reason or (f"no {exc}" if isinstance(exc, KeyError) else first_sentence(exc))
+        raise UserError(f"{path} does not fit the run it belongs to ({reason})") from None
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Raise ValueError when a loaded optimizer state holds tensors of another shape than
+    their parameters (torch only finds out at the next step, in the middle of training)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for name, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                    raise ValueError(
+                        f"optimizer {name} of shape {tuple(value.shape)} for a parameter of "
+                        f"shape {tuple(param.shape)}"
+                    )

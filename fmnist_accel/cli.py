@@ -15,8 +15,9 @@ import typing
 
 import click
 
+from . import elastic, errors
 from .config import RECIPES, TrainConfig, config_fields
-from .errors import EXIT_USER_ERROR, UserError
+from .errors import EXIT_PEER_FAILED, EXIT_USER_ERROR, UserError
 from .runs_table import SORT_KEYS
 
 
@@ -289,6 +290,7 @@ def run_cli(command: click.Command, argv: list[str] | None, prog_name: str) -> N
     group prints its help.
     """
     args = sys.argv[1:] if argv is None else list(argv)
+    errors.PROGRAM = prog_name
     try:
         code = _invoke(command, args, prog_name)
         sys.stdout.flush()
@@ -296,6 +298,8 @@ def run_cli(command: click.Command, argv: list[str] | None, prog_name: str) -> N
         if not _stdout_is_a_pipe():
             raise  # not the reader of our output going away: a bug worth its traceback
         _die_of_closed_pipe()
+    if code not in (0, EXIT_PEER_FAILED):  # a restart would only do the same again
+        elastic.remember_deliberate_exit(code)
     _exit(code)
 
 
@@ -316,8 +320,17 @@ def _invoke(command: click.Command, args: list[str], prog_name: str) -> int:
         print(file=sys.stderr)  # ends the terminal's ^C echo line
         return 130
     except UserError as exc:
-        _error_line(prog_name, str(exc))
+        if not exc.reported:
+            _error_line(prog_name, str(exc), every_rank=exc.every_rank_says_it)
         return exc.exit_code
+    except RuntimeError as exc:
+        from .hardware import collective_failure
+
+        failure = collective_failure(exc)  # another process hung or died: one line, not a trace
+        if failure is None:
+            raise
+        _error_line(prog_name, str(failure), every_rank=True)
+        return failure.exit_code
 
 
 # click 8.2 raises this for a group called without a command; older click exits 0 itself.
@@ -371,9 +384,9 @@ def _exit(code: int) -> None:
     sys.exit(code)
 
 
-def _error_line(prog_name: str, message: str) -> None:
+def _error_line(prog_name: str, message: str, every_rank: bool = False) -> None:
     # Under a multi-process launcher every rank hits the same error: say it once.
-    if os.environ.get("RANK", "0") == "0":
+    if every_rank or os.environ.get("RANK", "0") == "0":
         print(f"{prog_name}: error: {message}", file=sys.stderr)
 
 

@@ -12,6 +12,9 @@ This module imports no torch, so that `fmnist-accel --help` stays fast.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,6 +158,22 @@ class TrainConfig:
         False, "torch.use_deterministic_algorithms(True): bitwise repeatable runs, slower."
     )
 
+    # The longest wait between two collectives in a healthy run, with room: the local main
+    # process downloading the data (30 MB) while the others wait at their first barrier (10
+    # minutes allow 50 kB/s); the main process writing checkpoints while the others wait; a
+    # first torch.compile of resnet9 on a slow CPU; one rank ending its validation shard later
+    # than another. A validation or test pass is no wait however long it is: each rank
+    # evaluates its own shard and they meet once, at the end.
+    collective_timeout: float = option(
+        600.0,
+        "Seconds a process of a multi-process run waits for the others at a collective "
+        "operation before it stops with an error naming this timeout (a hung or dead process); "
+        "the launcher then restarts the group if --max_restarts allows. Raise it if the first "
+        "start downloads the data over a slow network.",
+        min=1,
+        max=1e6,  # 11.6 days, in milliseconds still within a 32-bit int (torch's limit)
+    )
+
     test_every_epoch: bool = option(
         False,
         "Also evaluate the test set after every epoch (test_loss, test_accuracy in the metrics "
@@ -215,6 +234,7 @@ RESUMABLE_OVERRIDES = frozenset(
         "eval_batch_size",
         "final_test",  # what is reported at the end, not how the run trains
         "mixed_precision",  # e.g. resuming on other hardware; never changed silently
+        "collective_timeout",
     }
 )
 
@@ -229,6 +249,42 @@ def resolve_config(explicit: dict[str, Any]) -> TrainConfig:
     recipe = given.get("recipe", TrainConfig.recipe)
     values = {**RECIPES[recipe], **given}
     return TrainConfig(**values)
+
+
+def config_dict_problem(values: Any) -> str | None:
+    """Why `values` cannot be the saved config of a run (not an object, unknown keys, a value
+    of another type than its option's), or None. Keys it lacks take their defaults: a run
+    saved by an older version lacks the options added since."""
+    if not isinstance(values, dict):
+        kinds = {list: "a list", str: "a string", int: "a number", float: "a number"}
+        return f"its config is {kinds.get(type(values), repr(values))}, not an object"
+    hints = typing.get_type_hints(TrainConfig)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        return f"its config has unknown keys {unknown}"
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true/false"}
+    limits = {f.name: f.metadata for f in config_fields()}
+    for key, value in values.items():
+        allowed = typing.get_args(hints[key]) or (hints[key],)  # e.g. (str, NoneType)
+        # An integer is a fine number; True is an int to Python but not to a numeric option.
+        fits = isinstance(value, (*allowed, int) if float in allowed else allowed)
+        if not fits or (isinstance(value, bool) and bool not in allowed):
+            wanted = " or ".join(names.get(t, "null") for t in allowed)
+            return f"its config has {key} = {value!r}, not {wanted}"
+        if value is not None and not within_limits(value, limits[key]):
+            return f"its config has {key} = {value!r}, outside what the option allows"
+    return None
+
+
+def within_limits(value: Any, meta: dict) -> bool:
+    """Whether a saved option value obeys its field's choices, min (open or not) and max."""
+    if "choices" in meta:
+        return value in meta["choices"]
+    if "min" in meta and (value <= meta["min"] if meta.get("min_open") else value < meta["min"]):
+        return False
+    if meta.get("max") is not None and value > meta["max"]:
+        return False
+    return not isinstance(value, float) or math.isfinite(value)
 
 
 def config_from_dict(values: dict[str, Any]) -> TrainConfig:
@@ -253,11 +309,35 @@ def unused_options(explicit: dict[str, Any], cfg: TrainConfig) -> list[str]:
     return [name for name, idle in unused.items() if idle and explicit.get(name) is not None]
 
 
+# The largest float32: a learning rate, momentum or weight decay above it overflows the
+# optimizer's float32 arithmetic (torch raises "value cannot be converted to type float").
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def check_config(cfg: TrainConfig) -> None:
     """Rules that involve more than one option; raises ValueError with a one-line reason."""
+    check_paths(cfg)
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # the launcher's; --scale-lr uses it
+    lr = cfg.lr * (processes if cfg.scale_lr else 1)
+    if lr > FLOAT32_MAX:
+        times = f" x {processes} processes (--scale-lr)" if lr != cfg.lr else ""
+        raise ValueError(
+            f"--lr {cfg.lr:g}{times} is beyond float32 arithmetic (at most {FLOAT32_MAX:.3g})"
+        )
+    for name in ("momentum", "weight_decay"):
+        if getattr(cfg, name) > FLOAT32_MAX:
+            raise ValueError(
+                f"--{name.replace('_', '-')} {getattr(cfg, name):g} is beyond float32 "
+                f"arithmetic (at most {FLOAT32_MAX:.3g})"
+            )
     train_images = 60000 - cfg.valid_size
     if train_images < 1:
         raise ValueError(f"--valid-size {cfg.valid_size} leaves no training images (60000 in all)")
+    if train_images < 2 * processes:  # a rank with fewer than 2 images has no step to take
+        raise ValueError(
+            f"--valid-size {cfg.valid_size} leaves {train_images} training image(s) for "
+            f"{processes} process(es): each process needs at least 2; lower --valid-size"
+        )
     if cfg.valid_size == 0:
         if cfg.scheduler == "plateau":
             raise ValueError(
@@ -272,3 +352,20 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--label-smoothing must be below 1, got {cfg.label_smoothing}")
     if cfg.plateau_factor >= 1:
         raise ValueError(f"--plateau-factor must be below 1, got {cfg.plateau_factor}")
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """--run-name names one folder inside --output-dir: a path there ('../x', '/abs', 'a/b')
+    would write the run elsewhere, where `eval best` and --resume auto never look."""
+    for name in ("data_dir", "output_dir", "run_name", "resume"):
+        if getattr(cfg, name) == "":
+            raise ValueError(f"--{name.replace('_', '-')} is empty")
+    name = cfg.run_name
+    if name is None:
+        return
+    separators = [s for s in (os.sep, os.altsep) if s]
+    if name in (".", "..") or any(s in name for s in separators):
+        raise ValueError(
+            f"--run-name {name!r} is not a plain folder name: it names the run's folder inside "
+            "--output-dir (give the parent folder as --output-dir)"
+        )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import stat
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,11 +66,37 @@ def raw_dir(data_dir: str | os.PathLike) -> Path:
 
 
 def find_file(data_dir: str | os.PathLike, name: str) -> Path | None:
-    """The plain file if present, else the gzipped one, else None."""
+    """The plain file if present, else the gzipped one, else None. A name that is taken by
+    something other than a file (a folder, a named pipe that would block the read) is a
+    UserError that says what it is, not a missing file to download."""
     folder = raw_dir(data_dir)
-    for candidate in (folder / name, folder / f"{name}.gz"):
+    candidates = (folder / name, folder / f"{name}.gz")
+    for candidate in candidates:
         if candidate.is_file():
             return candidate
+    for candidate in candidates:
+        what = not_a_file(candidate)
+        if what:
+            raise UserError(f"{candidate} is {what}, not a data file: put the file there")
+    return None
+
+
+def not_a_file(path: Path) -> str | None:
+    """What `path` is when it exists but is no regular file (None otherwise)."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "a broken symbolic link" if path.is_symlink() else None
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
     return None
 
 
@@ -129,36 +156,75 @@ def ensure_files(data_dir: str | os.PathLike, splits: tuple[str, ...] = ("train"
         download(data_dir, missing)
 
 
+# Bytes read at a time: a header that claims billions of items costs no memory before the
+# data themselves show that it lies.
+READ_CHUNK = 1 << 20
+
+
 def read_idx(path: Path, magic: int, shape_tail: tuple[int, ...]) -> torch.Tensor:
-    """Read one IDX file of unsigned bytes, checking its magic number, shape and size."""
+    """Read one IDX file of unsigned bytes, checking its magic number, shape and size.
+
+    The size is checked against the header before the data are read: a plain file by its
+    length on disk, a gzipped one by reading no more than the header promises plus a byte.
+    """
+    ndim = len(shape_tail) + 1
+    header_size = 4 + 4 * ndim
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                raw = f.read()
-        else:
-            raw = path.read_bytes()
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            header = f.read(header_size)
+            dims = check_idx_header(path, header, magic, shape_tail)
+            expected = header_size + dims[0] * math.prod(shape_tail)
+            if path.suffix != ".gz":
+                size = os.fstat(f.fileno()).st_size
+                if size != expected:
+                    raise UserError(
+                        f"{path} is truncated or corrupt: {size} bytes, its header promises "
+                        f"{expected}"
+                    )
+            body = read_at_most(f, expected - header_size + 1)
     except (OSError, EOFError, zlib.error) as exc:  # zlib.error: damaged gzip data
         raise UserError(f"cannot read {path}: {exc}") from None
+    size = header_size + len(body)
+    if size != expected:
+        more = "at least " if size > expected else ""
+        raise UserError(
+            f"{path} is truncated or corrupt: {more}{size} bytes, its header promises {expected}"
+        )
+    data = torch.frombuffer(bytearray(body), dtype=torch.uint8)
+    return data.view(dims)
+
+
+def check_idx_header(
+    path: Path, header: bytes, magic: int, shape_tail: tuple[int, ...]
+) -> tuple[int, ...]:
+    """The dimensions an IDX header announces, or a UserError saying what is wrong."""
     ndim = len(shape_tail) + 1
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise UserError(f"{path} is not an IDX file: only {len(raw)} bytes")
-    found = int.from_bytes(raw[:4], "big")
+    if len(header) < 4 + 4 * ndim:
+        raise UserError(f"{path} is not an IDX file: only {len(header)} bytes")
+    found = int.from_bytes(header[:4], "big")
     if found != magic:
         raise UserError(
             f"{path} is not the expected IDX file: magic number 0x{found:08x}, "
             f"expected 0x{magic:08x}"
         )
-    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dims = tuple(int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     if dims[1:] != shape_tail:
         raise UserError(f"{path} holds items of shape {dims[1:]}, expected {shape_tail}")
-    expected = header + dims[0] * math.prod(shape_tail)
-    if len(raw) != expected:
-        raise UserError(
-            f"{path} is truncated or corrupt: {len(raw)} bytes, its header promises {expected}"
-        )
-    data = torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8)
-    return data.view(dims)
+    if dims[0] == 0:
+        raise UserError(f"{path} holds no items: its header says 0")
+    return dims
+
+
+def read_at_most(f, limit: int) -> bytes:
+    """Up to `limit` bytes from f, read in chunks (see READ_CHUNK)."""
+    chunks, total = [], 0
+    while total < limit:
+        chunk = f.read(min(READ_CHUNK, limit - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
 
 
 def load_split(data_dir: str | os.PathLike, split: str, allow_download: bool = True) -> Split:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import MEAN, STD, Split
+from .errors import UserError
 
 CROP_PADDING = 2
 
@@ -82,6 +83,14 @@ class TrainStream:
         augment: bool,
         channels_last: bool,
     ):
+        if len(split) < 2 * world_size:
+            # Fewer than 2 images per rank: no step (a batch of one sits out, see
+            # steps_per_epoch) and an epoch with nothing to average.
+            raise UserError(
+                f"{len(split)} training image(s) for {world_size} process(es): each process "
+                "needs at least 2; hold out fewer for validation (--valid-size) or use fewer "
+                "processes"
+            )
         self.images = split.images.to(device)
         self.labels = split.labels.to(device)
         self.batch_size = batch_size

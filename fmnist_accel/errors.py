@@ -7,16 +7,42 @@ A UserError is printed as one line (no traceback) by the command-line entry poin
 EXIT_OK = 0
 EXIT_USER_ERROR = 2  # bad input: missing/corrupt data, bad checkpoint, bad option
 EXIT_DIVERGED = 3  # a non-finite loss stopped training; the last good checkpoint is kept
+EXIT_PEER_FAILED = 4  # another process of a multi-process run hung or died
+EXIT_WRITE_FAILED = 74  # a file could not be written (disk full...); older files intact (EX_IOERR)
 EXIT_PREEMPTED = 75  # a stop signal arrived; resume state saved (EX_TEMPFAIL: try again)
+
+# The name that error lines start with; the command-line entry point sets it.
+PROGRAM = "fmnist-accel"
+
+
+def error_line(message: str) -> str:
+    return f"{PROGRAM}: error: {message}"
 
 
 class UserError(Exception):
     """Something the user can fix; its message is one line that says what and where."""
 
     exit_code = EXIT_USER_ERROR
+    every_rank_says_it = False  # else only the main process prints it (every rank has it)
+    reported = False  # already printed (agreement.py), before every rank exits together
 
 
 class TrainingDiverged(UserError):
     """A non-finite loss stopped training; the message names the last good checkpoint."""
 
     exit_code = EXIT_DIVERGED
+
+
+class CollectiveFailure(UserError):
+    """Another process of the run stopped answering (the collective timeout) or died. Not the
+    user's input, and not deliberate: a launcher with --max_restarts restarts the group."""
+
+    exit_code = EXIT_PEER_FAILED
+    every_rank_says_it = True  # the process that noticed it may not be the main one
+
+
+class WriteFailed(UserError):
+    """A file of the run could not be written (a full disk, a quota, an I/O error); the
+    message names the file and the free space. Every file written before is intact."""
+
+    exit_code = EXIT_WRITE_FAILED

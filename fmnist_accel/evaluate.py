@@ -4,6 +4,7 @@ several processes."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -11,12 +12,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from .agreement import agree, say_it_and_leave_together
 from .data import CLASS_NAMES, Split, load_split, train_valid_split
 from .device_data import EvalSet
 from .engine import EvalResult, evaluate
 from .errors import UserError
 from .figures import MISTAKES_SHOWN, save_eval_figures
-from .hardware import make_accelerator
+from .hardware import end_accelerator, make_accelerator
 from .mistakes import attach_images, most_confident_mistakes
 from .rundir import check_writable, resolve_checkpoint
 from .trained_model import data_dir_for, model_from_checkpoint
@@ -33,6 +35,30 @@ def run_eval(
     as_json: bool,
     save_figures: str | None = None,
 ) -> int:
+    # The group first, then every check inside agree(): an error on any rank becomes the
+    # same error on every rank, printed by the main process before any of them exits.
+    accelerator = make_accelerator()
+    try:
+        path, model, meta, images = agree(
+            accelerator,
+            lambda: eval_inputs(checkpoint, run_dir, output_dir, data_dir, split, save_figures),
+        )
+        warning = tta_warning(path, meta.get("config", {})) if tta else None
+        if warning and accelerator.is_main_process:
+            print(f"fmnist-accel: warning: {warning}", file=sys.stderr)
+        return evaluate_and_report(
+            accelerator, path, model, meta, images, split, batch_size, tta, as_json, save_figures
+        )
+    except UserError as exc:
+        say_it_and_leave_together(accelerator, exc)
+        raise
+    finally:
+        # Tear the process group down before exit: gloo's threads otherwise abort at exit.
+        end_accelerator(accelerator)
+
+
+def eval_inputs(checkpoint: str, run_dir, output_dir: str, data_dir, split: str, save_figures):
+    """(checkpoint path, model, metadata, images to evaluate), or a UserError."""
     path = resolve_checkpoint(checkpoint, run_dir, output_dir)
     if save_figures is not None:
         if Path(save_figures).is_file():
@@ -40,23 +66,17 @@ def run_eval(
         check_writable(Path(save_figures))  # every rank, before the work: same answer
     model, meta = model_from_checkpoint(path)
     config = meta.get("config", {})
-    if split == "valid" and not config.get("valid_size"):
+    if split == "valid" and not {"valid_size", "seed"} <= set(config):
+        raise UserError(
+            f"{path} has no valid_size and seed in its metadata: its validation split cannot "
+            "be rebuilt; evaluate the test split"
+        )
+    if split == "valid" and not config["valid_size"]:
         raise UserError(
             f"{path} was trained with --valid-size 0 (on all training images): it has no "
             "validation split; evaluate the test split"
         )
-    accelerator = make_accelerator()
-    warning = tta_warning(path, config) if tta else None
-    if warning and accelerator.is_main_process:
-        print(f"fmnist-accel: warning: {warning}", file=sys.stderr)
-    try:
-        images = eval_split(data_dir_for(meta, data_dir), split, config)
-        return evaluate_and_report(
-            accelerator, path, model, meta, images, split, batch_size, tta, as_json, save_figures
-        )
-    finally:
-        # Tear the process group down before exit: gloo's threads otherwise abort at exit.
-        accelerator.end_training()
+    return path, model, meta, eval_split(data_dir_for(meta, data_dir), split, config)
 
 
 def tta_warning(path, config: dict) -> str | None:
@@ -127,10 +147,22 @@ def evaluate_and_report(
             attach_images(mistakes, images.images)
             report["figures"] = save_eval_figures(report, mistakes, Path(figures_dir))
         if as_json:
-            print(json.dumps(report))
+            print(json.dumps(finite_or_null(report), allow_nan=False))
         else:
             print_tables(report)
     return 0
+
+
+def finite_or_null(value):
+    """`value` with every nan or inf replaced by None: json.dumps would write NaN, which is
+    not JSON (a model whose logits overflow has a non-finite loss)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_null(v) for v in value]
+    return value
 
 
 def eval_report(

@@ -8,7 +8,13 @@ import platform
 
 import torch
 
-from .errors import UserError
+from . import elastic
+from .config import TrainConfig
+from .errors import CollectiveFailure, UserError
+
+# The timeout of collectives (--collective-timeout; its default is explained in config.py).
+DEFAULT_COLLECTIVE_TIMEOUT_S = TrainConfig.collective_timeout
+_collective_timeout_s = DEFAULT_COLLECTIVE_TIMEOUT_S
 
 
 def wants_cpu() -> bool:
@@ -18,19 +24,39 @@ def wants_cpu() -> bool:
     return parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
 
 
-def make_accelerator(mixed_precision: str | None = None, **kwargs):
+def make_accelerator(
+    mixed_precision: str | None = None,
+    collective_timeout: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
+    **kwargs,
+):
     """An Accelerator whose processes really form one group, or a one-line UserError.
 
     Accelerator(cpu=True) whenever there is no GPU: a plain Accelerator() started by a
-    multi-process launcher on a CPU machine runs N unconnected copies (docs/architecture.md), so the
-    world size is also checked against what the launcher started.
+    multi-process launcher on a CPU machine runs N unconnected copies (docs/architecture.md), so
+    the
+    world size is also checked against what the launcher started. Every collective of the
+    group fails after `collective_timeout` seconds without an answer (collective_failure
+    turns that into one line).
     """
-    from accelerate import Accelerator
+    from datetime import timedelta
 
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    global _collective_timeout_s
+    _collective_timeout_s = collective_timeout
     cpu = wants_cpu()
     if cpu:
         keep_large_allocations_in_heap()
-    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed_precision, **kwargs)
+    handlers = [
+        *(kwargs.pop("kwargs_handlers", None) or []),
+        InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout)),
+    ]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        elastic.join_restarted_group("gloo" if cpu else "nccl", collective_timeout)
+    accelerator = Accelerator(
+        cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=handlers, **kwargs
+    )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
         raise UserError(
@@ -42,6 +68,47 @@ def make_accelerator(mixed_precision: str | None = None, **kwargs):
         accelerator.end_training()  # the process group goes down before the error exits
         raise UserError("fp16 mixed precision needs a GPU (on CPU accelerate ignores it); use bf16")
     return accelerator
+
+
+# Words of gloo's (and NCCL's) errors when a peer stops answering or goes away.
+_TIMEOUT_WORDS = ("Timed out waiting", "timeout caused pair closure", "Socket Timeout", "timed out")
+_PEER_LOST_WORDS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "remote process exited",
+)
+
+
+def end_accelerator(accelerator) -> None:
+    """accelerator.end_training(), and the process group torn down even when a tracker's
+    last flush fails (TensorBoard on a full disk: the epoch that hit it has said so)."""
+    try:
+        accelerator.end_training()
+    except OSError:
+        accelerator.state.destroy_process_group()
+
+
+def collective_failure(exc: BaseException) -> CollectiveFailure | None:
+    """The one-line error for a collective operation that failed because another process of
+    the run hung or died, or None for any other error. Such an error is no bad input: it ends
+    with exit code 4 and is not remembered as deliberate, so `--max_restarts` restarts the
+    group."""
+    # From the launcher's variables: the process group is already torn down when this runs.
+    if not isinstance(exc, RuntimeError) or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return None
+    text = str(exc)
+    rank = os.environ.get("RANK", "?")
+    then = "this process stops (the launcher restarts the group if --max_restarts allows)"
+    if any(word in text for word in _TIMEOUT_WORDS):
+        return CollectiveFailure(
+            f"rank {rank}: no answer from the other processes for {_collective_timeout_s:g} s "
+            f"(the collective timeout, --collective-timeout): one of them has hung or died; {then}"
+        )
+    lost = next((word for word in _PEER_LOST_WORDS if word in text), None)
+    if lost:
+        return CollectiveFailure(f"rank {rank}: another process of the run died ({lost}); {then}")
+    return None
 
 
 # glibc mallopt parameters (malloc.h)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import rundir
+from .agreement import main_process_writes
 from .checkpoint import (
     atomic_copy,
     atomic_write_text,
@@ -28,6 +29,7 @@ from .checkpoint import (
 from .config import TrainConfig
 from .engine import EpochProgress
 from .models import count_parameters
+from .writes import log_scalars
 
 if TYPE_CHECKING:
     from .resume_policy import RunPlan
@@ -44,13 +46,14 @@ def discard_unused_run(accelerator, plan: RunPlan) -> None:
 def start_outputs(s: Session, state: dict | None) -> None:
     """config.json, metrics.jsonl cut back to the resume point, TensorBoard."""
     accelerator = s.accelerator
-    if accelerator.is_main_process:
-        if state is None:
-            config_text = json.dumps(s.cfg.to_dict(), indent=2) + "\n"
-            atomic_write_text(s.run_dir / rundir.CONFIG, config_text)
-        s.metrics.keep_epochs_up_to(s.start_epoch)
-        if state is not None:
-            repair_checkpoints(s, state)
+    with main_process_writes(accelerator):  # every rank learns if a write failed
+        if accelerator.is_main_process:
+            if state is None:
+                config_text = json.dumps(s.cfg.to_dict(), indent=2) + "\n"
+                atomic_write_text(s.run_dir / rundir.CONFIG, config_text)
+            s.metrics.keep_epochs_up_to(s.start_epoch)
+            if state is not None:
+                repair_checkpoints(s, state)
     accelerator.project_configuration.set_directories(str(s.run_dir))
     accelerator.project_configuration.logging_dir = str(s.run_dir)
     accelerator.init_trackers(
@@ -63,9 +66,14 @@ def start_outputs(s: Session, state: dict | None) -> None:
 
 
 def log_epoch(s: Session, record: dict) -> None:
-    """The epoch's line in metrics.jsonl and its TensorBoard scalars."""
-    if not s.accelerator.is_main_process:
-        return
+    """The epoch's line in metrics.jsonl and its TensorBoard scalars. Collective: every rank
+    learns if the write failed."""
+    with main_process_writes(s.accelerator):
+        if s.accelerator.is_main_process:
+            append_epoch(s, record)
+
+
+def append_epoch(s: Session, record: dict) -> None:
     s.metrics.append(record)
     scalars = {"Loss/train": record["train_loss"], "LearningRate": record["lr"]}
     if "valid_loss" in record:
@@ -74,7 +82,7 @@ def log_epoch(s: Session, record: dict) -> None:
         )
     if "test_loss" in record:
         scalars.update({"Loss/test": record["test_loss"], "Accuracy/test": record["test_accuracy"]})
-    s.accelerator.log(scalars, step=record["epoch"])
+    log_scalars(s.accelerator, scalars, record["epoch"], s.run_dir / rundir.TENSORBOARD)
 
 
 def rank_state(progress: EpochProgress, device: torch.device) -> dict:
@@ -112,16 +120,24 @@ def save_resume(s: Session, epoch_done: int, progress: EpochProgress) -> None:
             "best": s.best.state_dict(),
             "rank_states": rank_states,
         }
-        save_resume_state(s.run_dir / rundir.RESUME, state)
-    s.accelerator.wait_for_everyone()
+    # Every rank waits for the write, and learns if it failed (a full disk).
+    with main_process_writes(s.accelerator):
+        if s.accelerator.is_main_process:
+            save_resume_state(s.run_dir / rundir.RESUME, state)
 
 
 def write_checkpoints(s: Session, record: dict) -> None:
     """last.safetensors, and best.safetensors as a copy of it when this epoch is the best.
     Called after resume.pt is saved, so that a kill in between leaves checkpoints that
-    repair_checkpoints can write again from resume.pt."""
-    if not s.accelerator.is_main_process:
-        return
+    repair_checkpoints can write again from resume.pt. Collective: every rank learns if the
+    write failed."""
+    with main_process_writes(s.accelerator):
+        if s.accelerator.is_main_process:
+            save_checkpoints(s, record)
+
+
+def save_checkpoints(s: Session, record: dict) -> None:
+    """Main process only: the writes of write_checkpoints."""
     last = rundir.checkpoint_path(s.run_dir, "last")
     meta = checkpoint_metadata(s.cfg, record, count_parameters(s.plain_model))
     save_model_checkpoint(last, s.eval_model.state_dict(), meta)
@@ -144,7 +160,7 @@ def repair_checkpoints(s: Session, state: dict) -> None:
         and checkpoint_epoch(rundir.checkpoint_path(s.run_dir, name)) != record["epoch"]
     ]
     if stale:
-        write_checkpoints(s, record)
+        save_checkpoints(s, record)
         s.reporter.print(f"rewrote {' and '.join(stale)} checkpoint(s) of epoch {record['epoch']}")
 
 
@@ -159,7 +175,7 @@ def checkpoint_metadata(cfg: TrainConfig, record: dict, n_params: int) -> dict:
     }
 
 
-def write_summary(s: Session, status: str, detail: str, epoch: int) -> None:
+def write_summary(s: Session, status: str, detail: str, epoch: int | None) -> None:
     """summary.json, with where every rank ended: they must agree. Collective."""
     from accelerate.utils import gather_object
 
@@ -185,4 +201,6 @@ def write_summary(s: Session, status: str, detail: str, epoch: int) -> None:
             "elapsed": s.elapsed,
             "ranks": ranks,
         }
-        atomic_write_text(s.run_dir / rundir.SUMMARY, json.dumps(summary, indent=2) + "\n")
+    with main_process_writes(s.accelerator):
+        if s.accelerator.is_main_process:
+            atomic_write_text(s.run_dir / rundir.SUMMARY, json.dumps(summary, indent=2) + "\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -10,6 +11,7 @@ import torch
 from .data import CLASS_NAMES, load_split
 from .device_data import normalise
 from .errors import UserError
+from .evaluate import finite_or_null
 from .picture import read_picture
 from .rundir import resolve_checkpoint
 from .trained_model import data_dir_for, model_from_checkpoint
@@ -27,6 +29,11 @@ def run_predict(
     save_path: str | None,
     as_json: bool,
 ) -> int:
+    if int(os.environ.get("RANK", "0")) != 0:
+        # Started by a multi-process launcher: one image needs one process. The others end
+        # at once and successfully, so the launcher stops nobody before the main process
+        # has printed its answer or its error.
+        return 0
     path = resolve_checkpoint(checkpoint, run_dir, output_dir)
     model, meta = model_from_checkpoint(path)
     true_label, picture = None, None
@@ -60,7 +67,7 @@ def run_predict(
         save_figure(image, result, Path(save_path))
         result["figure"] = save_path
     if as_json:
-        print(json.dumps(result))
+        print(json.dumps(finite_or_null(result), allow_nan=False))
     else:
         if picture is not None:
             print(f"{source}: {picture.describe()}")

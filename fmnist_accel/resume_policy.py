@@ -16,9 +16,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from . import rundir
+from . import elastic, rundir
 from .checkpoint import load_resume_state
-from .config import RESUMABLE_OVERRIDES, TrainConfig, config_from_dict, resolve_config
+from .config import (
+    RESUMABLE_OVERRIDES,
+    TrainConfig,
+    config_dict_problem,
+    config_from_dict,
+    resolve_config,
+)
 from .decisions import PER_STEP_SCHEDULERS
 from .errors import UserError
 
@@ -45,8 +51,11 @@ def plan_run(explicit: dict[str, Any]) -> RunPlan:
         return RunPlan(run_dir=str(run_dir), config=cfg.to_dict(), notes=[note] if note else [])
 
     note = rundir.claim_run_dir(resume_dir)  # before reading what another process may write
-    state = load_resume_state(resume_dir / rundir.RESUME)
-    saved = state["config"]
+    if (resume_dir / rundir.RESUME).is_file():
+        state = load_resume_state(resume_dir / rundir.RESUME)
+        saved = state["config"]
+    else:  # stopped in its first epoch, before any state was saved: it starts again there
+        state, saved = None, saved_config(resume_dir)
     conflicts = conflicting_options(explicit, saved)
     if conflicts:
         key = conflicts[0]
@@ -66,17 +75,33 @@ def plan_run(explicit: dict[str, Any]) -> RunPlan:
             f"--epochs cannot change when resuming a run with the {saved['scheduler']} "
             "schedule: its learning rates are fixed by the original length"
         )
-    rundir.remove_temp_files(resume_dir)
     plan = RunPlan(
         run_dir=str(resume_dir), config=resumed, resume_state=state, notes=[note] if note else []
     )
+    if state is None:
+        plan.notes.append(
+            f"note: {resume_dir} stopped before it saved any state: it trains again from epoch 1"
+        )
     status = rundir.run_status(resume_dir)
     # A completed run goes on only if --epochs now asks for more; the others have ended.
-    if status in rundir.FINISHED_STATUSES and not (
-        status == rundir.COMPLETED and state["epoch"] < resumed["epochs"]
+    if (
+        state is not None
+        and status in rundir.FINISHED_STATUSES
+        and not (status == rundir.COMPLETED and state["epoch"] < resumed["epochs"])
     ):
         plan.finished = status
     return plan
+
+
+def saved_config(run_dir: Path) -> dict:
+    """The config.json of a run that saved no state yet, checked like a resume state's."""
+    values = rundir.read_json(run_dir / rundir.CONFIG)
+    problem = config_dict_problem(values) if values is not None else "it cannot be read"
+    if problem is None and not {"epochs", "scheduler"} <= set(values):
+        problem = "it lacks epochs or scheduler"
+    if problem:
+        raise UserError(f"{run_dir / rundir.CONFIG} is damaged: {problem}")
+    return values
 
 
 def new_run_dir(cfg: TrainConfig, output_dir: Path) -> tuple[Path, str | None]:
@@ -119,6 +144,8 @@ def find_resume_dir(cfg: TrainConfig, output_dir: Path, explicit: dict[str, Any]
             path = path.parent
         if not (path / rundir.RESUME).is_file():
             rundir.raise_if_in_use(path)  # a live run in its first epoch: say so instead
+            if rundir.is_run_dir(path):
+                return path  # killed in its first epoch: plan_run starts it again there
             raise UserError(f"--resume {cfg.resume}: no {rundir.RESUME} there to resume from")
         return path
     if cfg.run_name:
@@ -144,6 +171,7 @@ def share_plan(accelerator, explicit: dict[str, Any]) -> RunPlan:
     if accelerator.is_main_process:
         try:
             plan = plan_run(explicit)
+            elastic.remember_run_dir(plan.run_dir)  # where a restarted group goes on
         except (UserError, ValueError) as exc:
             plan = RunPlan(error=str(exc))
     if accelerator.num_processes > 1:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from .checkpoint import CHECKPOINT_NAMES, atomic_write_text
 from .errors import UserError
+from .writes import write_failed
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -34,6 +35,7 @@ COMPLETED = "completed"
 EARLY_STOPPED = "early-stopped"
 DIVERGED = "diverged"
 PREEMPTED = "preempted"
+WRITE_FAILED = "write-failed"  # a full disk or failing write stopped it; resumable
 FINISHED_STATUSES = (COMPLETED, EARLY_STOPPED, DIVERGED)
 
 
@@ -66,10 +68,13 @@ def runs_newest_first(output_dir: Path) -> list[Path]:
 
 
 def read_json(path: Path) -> dict | None:
+    """The JSON object in `path`, or None (missing, unreadable, not JSON, or not an object:
+    an edited summary.json holding a list must not break the code that reads it)."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
+        value = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    return value if isinstance(value, dict) else None
 
 
 def run_status(run_dir: Path) -> str | None:
@@ -122,7 +127,7 @@ def check_writable(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{os.getpid()}"
         probe.write_text("")
-        probe.unlink()
+        probe.unlink(missing_ok=True)  # a lock holder may have cleared it (remove_temp_files)
     except OSError as exc:
         raise UserError(f"cannot write to {folder}: {exc.strerror or exc}") from None
 
@@ -140,7 +145,8 @@ _held_locks: list = []
 def claim_run_dir(folder: Path) -> str | None:
     """Create folder, prove it writable (check_writable), then hold folder/.lock until the
     run ends (release_locks) or this process exits; raise RunInUse if another process
-    holds it.
+    holds it. Then remove the temporary files that interrupted writes left there, whether
+    the run is resumed or started again in the same folder.
 
     Two processes training into one folder (a job resumed twice, a requeued job whose first
     copy still runs) would overwrite each other's checkpoints and delete each other's
@@ -164,12 +170,31 @@ def claim_run_dir(folder: Path) -> str | None:
         raise run_in_use(folder) from None
     except OSError as exc:
         handle.close()
+        remove_temp_files(folder)
         return (
             f"note: {folder} could not be locked ({exc.strerror or exc}): nothing stops a "
             "second training process from using it at the same time"
         )
     _held_locks.append(handle)
+    check_layout(folder)
+    remove_temp_files(folder)  # of writes a kill interrupted, in this folder before
     return None
+
+
+def check_layout(folder: Path) -> None:
+    """Raise UserError when a name the run writes is taken by the wrong kind of entry (a
+    folder called summary.json, a file called tensorboard): found now, before training, not
+    as a traceback at the first write or at the end of the run."""
+    for name in (CONFIG, METRICS, RESUME, SUMMARY, *(f"{n}.safetensors" for n in CHECKPOINT_NAMES)):
+        path = folder / name
+        if path.exists() and not path.is_file():
+            kind = "a folder" if path.is_dir() else "not a regular file"
+            raise UserError(f"{path} is {kind}: the run writes a file there; move it away")
+    events = folder / TENSORBOARD
+    if events.exists() and not events.is_dir():
+        raise UserError(
+            f"{events} is a file: the run writes its TensorBoard folder there; move it away"
+        )
 
 
 def raise_if_in_use(folder: Path) -> None:
@@ -216,11 +241,20 @@ def remove_unused(folder: Path) -> None:
             pass  # something appeared meanwhile: leave it; the data error matters more
 
 
+# The temporary files that writers in a run folder make: checkpoint.atomic_write's
+# .<target>.<random>.tmp, check_writable's probe, and .tmp + 6 letters or digits, the name
+# that safetensors' save_file (Rust's tempfile crate) used before checkpoints were written
+# through atomic_write alone: a run folder from an older version may hold one.
+TEMP_FILE_PATTERNS = (".*.tmp", ".write-test-*", ".tmp" + "[A-Za-z0-9]" * 6)
+
+
 def remove_temp_files(folder: Path) -> None:
-    """Delete the temporary files of writes that a kill interrupted (checkpoint.atomic_write
-    names them .<target>.<random>.tmp); the files they were to replace are intact."""
-    for tmp in Path(folder).glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+    """Delete the temporary files of writes that a kill interrupted; the files they were to
+    replace are intact. Only the holder of the folder's lock may call it."""
+    for pattern in TEMP_FILE_PATTERNS:
+        for tmp in Path(folder).glob(pattern):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
 
 
 class MetricsLog:
@@ -237,9 +271,14 @@ class MetricsLog:
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def append(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+        """A failed write (a full disk) may leave a torn last line: read() skips it, and a
+        resume rewrites the file without it (keep_epochs_up_to)."""
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+        except OSError as exc:
+            raise write_failed(self.path, exc) from None
 
     def read(self) -> list[dict]:
         """The records; a line torn by a kill in mid-append is skipped."""

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import rundir
+from .checkpoint import check_optimizer_state, resume_state_must_fit
 from .config import TrainConfig
 from .console import Reporter
 from .data import ensure_files, load_split, train_valid_split
@@ -79,6 +80,7 @@ def make_training_accelerator(cfg: TrainConfig):
     warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated")
     return make_accelerator(
         cfg.mixed_precision,
+        collective_timeout=cfg.collective_timeout,
         log_with="tensorboard",
         # A placeholder: the run folder is only known once the main process has chosen it.
         project_dir=cfg.output_dir,
@@ -190,7 +192,9 @@ def build_session(accelerator, plan: RunPlan, cfg: TrainConfig, reporter: Report
         lr=lr,
     )
     if state is not None:
-        restore_training_state(s, state)
+        with resume_state_must_fit(run_dir / rundir.RESUME):  # edited by hand: one line
+            restore_training_state(s, state)
+            check_optimizer_state(s.optimizer)
     s.model, s.optimizer = accelerator.prepare(model, optimizer)
     if state is not None and state.get("grad_scaler") and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(state["grad_scaler"])

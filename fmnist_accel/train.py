@@ -18,12 +18,14 @@ import math
 import os
 import sys
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
-from . import outputs, rundir
+from . import elastic, outputs, rundir
+from .agreement import say_it_and_leave_together
 from .config import check_config, resolve_config, unused_options
 from .console import Reporter, seconds_since_process_start
 from .engine import (
@@ -37,9 +39,16 @@ from .engine import (
     global_train_loss,
     train_one_epoch,
 )
-from .errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, TrainingDiverged, UserError
+from .errors import (
+    EXIT_DIVERGED,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    TrainingDiverged,
+    UserError,
+    WriteFailed,
+)
 from .final_test import run_final_test
-from .hardware import describe, thread_note
+from .hardware import describe, end_accelerator, thread_note
 from .models import count_parameters
 from .preemption import StopRequest
 from .resume_policy import settle_config, share_plan
@@ -61,6 +70,7 @@ class RunEnd(NamedTuple):
 # --------------------------------------------------------------------------------------------
 def train(explicit: dict[str, Any]) -> int:
     """Run training with the options the user gave (None = not given). Returns the exit code."""
+    explicit = elastic.restarted_options(explicit)  # a restarted group resumes the run
     cfg = resolve_config(explicit)
     try:
         check_config(cfg)
@@ -72,10 +82,13 @@ def train(explicit: dict[str, Any]) -> int:
     accelerator = make_training_accelerator(cfg)
     try:
         return run_training(accelerator, explicit)
+    except UserError as exc:  # the same on every rank: the main one says it before any exits
+        say_it_and_leave_together(accelerator, exc)
+        raise
     finally:
         rundir.release_locks()  # the run is over, whatever happens to this process next
         # Tear the process group down before exit: gloo's threads otherwise abort at exit.
-        accelerator.end_training()
+        end_accelerator(accelerator)
 
 
 def run_training(accelerator, explicit: dict[str, Any]) -> int:
@@ -101,6 +114,11 @@ def run_training(accelerator, explicit: dict[str, Any]) -> int:
     stop_request = StopRequest().install()
     try:
         end = train_epochs(s, stop_request)
+    except WriteFailed as exc:  # every rank has it (agreement.main_process_writes)
+        detail = f"{exc}; free some space, then resume with --resume {s.run_dir}"
+        with suppress(WriteFailed):  # summary.json if the disk still takes it
+            outputs.write_summary(s, rundir.WRITE_FAILED, detail, None)
+        raise WriteFailed(detail) from None
     finally:
         stop_request.uninstall()
     outputs.write_summary(s, end.status, end.detail, end.epoch)
@@ -127,6 +145,9 @@ def run_training(accelerator, explicit: dict[str, Any]) -> int:
 
 def print_header(s: Session, resumed: bool) -> None:
     cfg, world = s.cfg, s.accelerator.num_processes
+    restart = elastic.restart_line(s.start_epoch if resumed else None, s.progress.step)
+    if restart:
+        s.reporter.print(restart)
     where = f"run folder: {s.run_dir}"
     if resumed:
         step = f", step {s.progress.step}" if s.progress.step else ""

@@ -37,12 +37,20 @@ def state_dict_mismatch(expected: dict, found: dict) -> str:
         for k in expected
         if k in found and found[k].shape != expected[k].shape
     ]
+    # load_state_dict would cast silently (int weights into float parameters)
+    dtypes = [
+        f"{k} {str(found[k].dtype).removeprefix('torch.')} instead of "
+        f"{str(expected[k].dtype).removeprefix('torch.')}"
+        for k in expected
+        if k in found and found[k].dtype != expected[k].dtype
+    ]
     parts = [
         f"{len(names)} {what}, e.g. {names[0]}"
         for what, names in (
             ("tensors missing", missing),
             ("unexpected tensors", unexpected),
             ("tensors of another shape", shapes),
+            ("tensors of another type", dtypes),
         )
         if names
     ]

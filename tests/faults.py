@@ -6,13 +6,17 @@ Environment variables choose the faults (all optional):
   FAULT_PID_DIR=DIR          write DIR/rank<R>.pid, so a test can signal one rank
   FAULT_NAN_RANK=R           ...on this rank the training loss becomes NaN
   FAULT_NAN_STEP=K           ...from its K-th training step on (1-based, counted per process)
+  FAULT_ONLY_RANK=R          the step and write faults below strike rank R only (default: all)
   FAULT_KILL_STEP=K          SIGKILL this process at its K-th training step
   FAULT_TERM_STEP=K          SIGTERM this process at its K-th training step (a graceful stop)
+  FAULT_STOP_STEP=K          SIGSTOP this process at its K-th training step (a hung process)
   FAULT_PAUSE_STEP=K         at its K-th training step, create the file FAULT_PAUSE_FILE and
                              wait (at most 120 s) until the test deletes it
   FAULT_KILL_WRITE=NAME:N    SIGKILL this process during its N-th atomic write of a file named
                              NAME, after half of the new file is on disk and before it
                              replaces the old one
+Under an elastic launcher (--max_restarts) the faults strike the first attempt only: the
+processes of a restarted group (TORCHELASTIC_RESTART_COUNT > 0) run without them.
 The package code has no hooks for this: the faults are patched in from outside.
 """
 
@@ -41,10 +45,16 @@ def env_int(name: str) -> int | None:
 def install_faults() -> None:
     if os.environ.get("FAULT_PID_DIR"):
         Path(os.environ["FAULT_PID_DIR"], f"rank{RANK}.pid").write_text(str(os.getpid()))
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        return
+    only_rank = env_int("FAULT_ONLY_RANK")
+    if only_rank is not None and only_rank != RANK:
+        return
 
     nan_rank, nan_step = env_int("FAULT_NAN_RANK"), env_int("FAULT_NAN_STEP")
     kill_step = env_int("FAULT_KILL_STEP")
     term_step = env_int("FAULT_TERM_STEP")
+    stop_step = env_int("FAULT_STOP_STEP")
     pause_step = env_int("FAULT_PAUSE_STEP")
     real_loss = engine.training_loss
     steps = 0
@@ -56,6 +66,8 @@ def install_faults() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         if term_step is not None and steps == term_step:
             os.kill(os.getpid(), signal.SIGTERM)
+        if stop_step is not None and steps == stop_step:
+            os.kill(os.getpid(), signal.SIGSTOP)
         if pause_step is not None and steps == pause_step:
             pause = Path(os.environ["FAULT_PAUSE_FILE"])
             pause.touch()

@@ -28,15 +28,20 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def launch_command(nproc: int, target: list[str], port: int | None = None) -> list[str]:
-    """`accelerate launch` of `target` (['-m', module, ...] or [script, ...]) on nproc CPU ranks."""
+def launch_command(
+    nproc: int, target: list[str], port: int | None = None, max_restarts: int | None = None
+) -> list[str]:
+    """`accelerate launch` of `target` (['-m', module, ...] or [script, ...]) on nproc CPU ranks
+    (with max_restarts: torchrun restarts the group that many times when a process fails)."""
     if nproc == 1:
         return [sys.executable, *target]
+    restarts = [] if max_restarts is None else ["--max_restarts", str(max_restarts)]
     return [
         str(BIN / "accelerate"), "launch",
         "--config_file", str(CPU_MULTI_CONFIG),
         "--num_processes", str(nproc),
         "--main_process_port", str(port or free_port()),
+        *restarts,
         *target,
     ]  # fmt: skip
 

@@ -11,22 +11,39 @@ docs/bad-input.md lists the cases; each row names its test here.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLI, N_TEST, N_TRAIN, assert_one_line_error, file_digests, run_command
-from fakedata import write_fashion_dir
+from conftest import (
+    CLI,
+    N_TEST,
+    N_TRAIN,
+    assert_one_line_error,
+    cli_env,
+    file_digests,
+    run_command,
+)
+from fakedata import idx_bytes, write_fashion_dir
+from launching import FAULTS
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from test_picture import png_bytes
 
 from fmnist_accel.checkpoint import METADATA_KEY, load_model_checkpoint, load_resume_state
 from fmnist_accel.data import ALL_FILES, raw_dir
-from fmnist_accel.errors import EXIT_DIVERGED, EXIT_USER_ERROR
+from fmnist_accel.errors import (
+    EXIT_DIVERGED,
+    EXIT_PEER_FAILED,
+    EXIT_USER_ERROR,
+    EXIT_WRITE_FAILED,
+)
 from fmnist_accel.trained_model import model_from_checkpoint
 
 TRAIN_FAST = ("--model", "mlp", "--epochs", "1", "--batch-size", "64")
@@ -116,6 +133,67 @@ def test_corrupt_idx_file(ws, cli, damage):
     check_nothing_damaged(ws, before)
 
 
+@pytest.mark.parametrize("where", ["config", "data"])
+def test_too_few_training_images_per_process(ws, cli, where):
+    """A split that leaves at most one training image per process: nothing to train on (it
+    used to end in a ZeroDivisionError). With the real 60k images --valid-size says it all;
+    with a smaller data file (here 200 images, whose split shrinks in proportion) the
+    images themselves are counted."""
+    valid_size, expected = {
+        "config": ("59999", "--valid-size 59999 leaves 1 training image(s) for 1 process(es)"),
+        "data": ("59800", "1 training image(s) for 1 process(es): each process needs at least 2"),
+    }[where]
+    before = ws.snapshot()
+    res = cli("train", *TRAIN_FAST, "--valid-size", valid_size, "--data-dir", ws.data,
+              "--output-dir", ws.runs)  # fmt: skip
+    assert_one_line_error(res, expected)
+    check_nothing_damaged(ws, before)
+
+
+def test_idx_file_with_no_items(ws, cli):
+    """A header that claims 0 images (and a labels file that agrees): no data to train on."""
+    raw = raw_dir(ws.data)
+    (raw / "train-images-idx3-ubyte").write_bytes(idx_bytes(torch.zeros(0, 28, 28).byte()))
+    (raw / "train-labels-idx1-ubyte").write_bytes(idx_bytes(torch.zeros(0).byte()))
+    before = ws.snapshot()
+    res = cli("train", *TRAIN_FAST, "--data-dir", ws.data, "--output-dir", ws.runs)
+    assert_one_line_error(res, f"{raw / 'train-images-idx3-ubyte'} holds no items")
+    check_nothing_damaged(ws, before)
+
+
+def test_idx_file_far_larger_than_its_header_says(ws, cli, tmp_path_factory):
+    """A 1 TB (sparse) file whose header promises 200 images: its size is compared with the
+    header before anything is read (reading it all was a MemoryError). Outside the workspace:
+    the workspace's snapshot reads every file."""
+    data = write_fashion_dir(tmp_path_factory.mktemp("huge") / "data", N_TRAIN, N_TEST, gz=False)
+    images = raw_dir(data) / "train-images-idx3-ubyte"
+    with open(images, "r+b") as f:
+        f.truncate(1 << 40)
+    before = ws.snapshot()
+    res = cli("train", *TRAIN_FAST, "--data-dir", data, "--output-dir", ws.runs)
+    assert_one_line_error(
+        res, f"{images} is truncated or corrupt: {1 << 40} bytes, its header promises 156816"
+    )
+    check_nothing_damaged(ws, before)
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo"])
+def test_data_path_that_is_not_a_file(ws, cli, kind):
+    """A folder or a named pipe where a data file belongs: said as such (a FIFO would block
+    the read), not taken for a missing file to download."""
+    images = raw_dir(ws.data) / "train-images-idx3-ubyte"
+    images.unlink()
+    if kind == "folder":
+        images.mkdir()
+    else:
+        os.mkfifo(images)
+    before = ws.snapshot()
+    res = cli("train", *TRAIN_FAST, "--data-dir", ws.data, "--output-dir", ws.runs)
+    what = "a folder" if kind == "folder" else "a named pipe (FIFO)"
+    assert_one_line_error(res, f"{images} is {what}, not a data file")
+    check_nothing_damaged(ws, before)
+
+
 # ------------------------------------------------------------------------------------------
 # Checkpoints
 # ------------------------------------------------------------------------------------------
@@ -132,10 +210,28 @@ def make_bad_checkpoint(ws: Workspace, kind: str) -> tuple[Path, tuple[str, ...]
     if kind == "plain-safetensors":
         save_file({"weight": torch.zeros(3, 3)}, path)
         return path, (f"{path} is a safetensors file but not an fmnist-accel checkpoint",)
-    assert kind == "other-architecture"  # mlp weights, metadata that says cnn
-    _, meta = load_model_checkpoint(good)
-    save_file(load_file(good), path, metadata={METADATA_KEY: json.dumps({**meta, "model": "cnn"})})
-    return path, (f"{path} does not fit the cnn architecture its metadata names", "missing")
+    weights, meta = load_file(good), load_model_checkpoint(good)[1]
+    if kind == "non-finite":
+        weights["net.5.bias"][3] = float("nan")
+        expected = (f"{path} holds non-finite weights (net.5.bias has nan or inf values)",)
+    elif kind == "integer-weights":
+        weights = {k: v.round().to(torch.int64) for k, v in weights.items()}
+        expected = (f"{path} does not fit the mlp architecture", "int64 instead of float32")
+    elif kind == "config-not-object":
+        meta["config"] = ["mlp", 2]
+        expected = (f"{path} has damaged metadata: its config is a list, not an object",)
+    elif kind == "config-out-of-range":  # a negative split size: a wrong --split valid
+        meta["config"]["valid_size"] = -5
+        expected = (f"{path} has damaged metadata: its config has valid_size = -5, outside",)
+    elif kind == "epoch-not-a-number":
+        meta["epoch"] = "two"
+        expected = (f"{path} has damaged metadata: epoch is 'two', not a number of epochs",)
+    else:
+        assert kind == "other-architecture"  # mlp weights, metadata that says cnn
+        meta["model"] = "cnn"
+        expected = (f"{path} does not fit the cnn architecture its metadata names", "missing")
+    save_file(weights, path, metadata={METADATA_KEY: json.dumps(meta)})
+    return path, expected
 
 
 @pytest.mark.parametrize(
@@ -145,6 +241,11 @@ def make_bad_checkpoint(ws: Workspace, kind: str) -> tuple[Path, tuple[str, ...]
         ("plain-safetensors", "predict"),
         ("other-architecture", "eval"),
         ("truncated", "predict"),
+        ("non-finite", "eval"),
+        ("integer-weights", "predict"),
+        ("config-not-object", "eval"),
+        ("config-out-of-range", "eval"),
+        ("epoch-not-a-number", "predict"),
     ],
 )
 def test_bad_checkpoint(ws, cli, kind, command):
@@ -179,6 +280,80 @@ def test_corrupt_resume_state(ws, cli):
     res = cli("train", "--resume", broken, "--data-dir", ws.data)
     assert_one_line_error(res, f"{resume} is not a readable resume state")
     check_nothing_damaged(ws, before)
+
+
+@pytest.mark.parametrize(
+    "edit", ["config-not-object", "key-missing", "wrong-shape", "optimizer-wrong-shape"]
+)
+def test_edited_resume_state(ws, cli, edit):
+    """A resume.pt edited by hand (still a valid torch file, so it loads): said in one line
+    before anything is trained or written."""
+    broken = ws.runs / "edited"
+    shutil.copytree(ws.existing, broken)
+    resume = broken / "resume.pt"
+    state = torch.load(resume, weights_only=True)
+    if edit == "config-not-object":
+        state["config"] = "mlp"
+        expected = f"{resume} is damaged: config is a string, not an object"
+    elif edit == "key-missing":
+        del state["rank_states"]
+        expected = f"{resume} is damaged: rank_states is missing"
+    elif edit == "wrong-shape":
+        state["model"]["net.5.weight"] = torch.zeros(5, 64)
+        expected = f"{resume} does not fit the run it belongs to (size mismatch for net.5.weight"
+    else:
+        state["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3)
+        expected = f"{resume} does not fit the run it belongs to (optimizer exp_avg of shape (3,)"
+    torch.save(state, resume)
+    before = ws.snapshot()
+    res = cli("train", "--resume", broken, "--epochs", "3", "--data-dir", ws.data)
+    assert_one_line_error(res, expected)
+    check_nothing_damaged(ws, before)
+
+
+@pytest.mark.parametrize("entry", ["tensorboard-file", "metrics-folder", "summary-folder"])
+def test_run_folder_entry_of_the_wrong_kind(ws, cli, entry):
+    """A name the run writes, taken by the wrong kind of entry: found when the run folder is
+    taken, before training (a file called tensorboard gave a traceback at start, a folder
+    called summary.json a failed write after the whole run)."""
+    broken = ws.runs / "odd"
+    shutil.copytree(ws.existing, broken)
+    name, kind = {
+        "tensorboard-file": ("tensorboard", "a file: the run writes its TensorBoard folder"),
+        "metrics-folder": ("metrics.jsonl", "a folder: the run writes a file there"),
+        "summary-folder": ("summary.json", "a folder: the run writes a file there"),
+    }[entry]
+    path = broken / name
+    if path.is_dir():
+        shutil.rmtree(path)
+        path.write_text("not a folder\n")
+    else:
+        path.unlink()
+        path.mkdir()
+    before = ws.snapshot()
+    res = cli("train", "--resume", broken, "--epochs", "3", "--data-dir", ws.data)
+    assert_one_line_error(res, f"{path} is {kind}")
+    check_nothing_damaged(ws, before)
+
+
+def test_run_killed_in_its_first_epoch_started_again_by_name(ws, cli):
+    """Killed in epoch 1, before any state was saved: a plain rerun with the same --run-name
+    refuses to overwrite the folder, and says how to continue it; --resume RUN (which used
+    to fail: no resume.pt) trains it again in its own folder."""
+    proc = run_command([sys.executable, FAULTS, *TRAIN_FAST, "--batch-size", "32", "--data-dir",
+                        ws.data, "--output-dir", ws.runs, "--run-name", "killed"],
+                       cwd=ws.root, env=cli_env(FAULT_KILL_STEP="2"))  # fmt: skip
+    killed = ws.runs / "killed"
+    assert proc.rc == -signal.SIGKILL and not (killed / "resume.pt").exists(), str(proc)
+    before = ws.snapshot()
+    res = cli("train", *TRAIN_FAST, "--data-dir", ws.data, "--output-dir", ws.runs,
+              "--run-name", "killed")  # fmt: skip
+    assert_one_line_error(res, f"{killed} already exists: pass --resume auto to continue it")
+    check_nothing_damaged(ws, before)
+    res = cli("train", "--resume", killed)
+    assert res.rc == 0, str(res)
+    assert "stopped before it saved any state: it trains again from epoch 1" in res.stdout
+    assert [r["epoch"] for r in map(json.loads, (killed / "metrics.jsonl").open())] == [1]
 
 
 def test_no_runs(ws, cli):
@@ -226,6 +401,8 @@ def test_unknown_model(ws, cli):
         ("predict", "best", "--index", "0", "--top", "0"),
         ("train", "--seed", "-1"),
         ("train", "--seed", "4294967296"),
+        ("train", "--collective-timeout", "0"),
+        ("train", "--collective-timeout", "1e308"),
     ],
     ids=" ".join,
 )
@@ -236,6 +413,39 @@ def test_zero_or_negative_numeric_option(ws, cli, args):
     line = assert_one_line_error(res, f"Invalid value for '{option}'")
     assert "not in the range" in line or "is not a finite number" in line
     check_nothing_damaged(ws, before)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("--lr", "1e308"),
+        ("--optimizer", "sgd", "--momentum", "1e308"),
+        ("--weight-decay", "1e308"),
+    ],
+    ids=" ".join,
+)
+def test_option_too_large_for_float_arithmetic(ws, cli, args):
+    """Finite, but beyond what the optimizer's float32 arithmetic holds: an overflow
+    traceback at the first step ('--lr 1e30' still trains, and stops with exit 3)."""
+    before = ws.snapshot()
+    res = cli("train", *TRAIN_FAST, *args, "--data-dir", ws.data, "--output-dir", ws.runs)
+    assert_one_line_error(res, f"{args[-2]} {float(args[-1]):g} is beyond float32 arithmetic")
+    check_nothing_damaged(ws, before)
+
+
+@pytest.mark.parametrize("name", ["../escaped", "ABSOLUTE", "a/b", ".", ""])
+def test_run_name_that_is_not_a_folder_name(ws, cli, name):
+    """--run-name names one folder in --output-dir: '..' or an absolute path wrote the run
+    outside it, 'a/b' where `eval best` never looks."""
+    if name == "ABSOLUTE":
+        name = str(ws.root / "elsewhere")
+    before = ws.snapshot()
+    res = cli("train", *TRAIN_FAST, "--data-dir", ws.data, "--output-dir", ws.runs,
+              "--run-name", name)  # fmt: skip
+    expected = "--run-name is empty" if name == "" else f"--run-name {name!r} is not a plain"
+    assert_one_line_error(res, expected)
+    check_nothing_damaged(ws, before)
+    assert not (ws.root / "escaped").exists() and not (ws.root / "elsewhere").exists()
 
 
 def test_output_folder_that_cannot_be_written(ws, cli):
@@ -417,7 +627,7 @@ def test_nonfinite_loss_message_is_one_line_on_stderr(diverged):
 
 
 def test_exit_codes_are_the_documented_ones():
-    assert (EXIT_USER_ERROR, EXIT_DIVERGED) == (2, 3)
+    assert (EXIT_USER_ERROR, EXIT_DIVERGED, EXIT_PEER_FAILED, EXIT_WRITE_FAILED) == (2, 3, 4, 74)
 
 
 def test_every_case_in_the_docs_has_a_test_and_every_test_a_row():

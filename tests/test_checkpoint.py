@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -22,13 +23,36 @@ from fmnist_accel.checkpoint import (
     save_model_checkpoint,
     save_resume_state,
 )
-from fmnist_accel.errors import UserError
+from fmnist_accel.config import TrainConfig
+from fmnist_accel.errors import UserError, WriteFailed
 from fmnist_accel.models import build_model
 from fmnist_accel.trained_model import model_from_checkpoint
 
 
 def tmp_leftovers(folder: Path) -> list[str]:
     return [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def resume_state(model: torch.nn.Module, optimizer) -> dict:
+    """A complete resume state of one process, as train.save_resume writes it."""
+    return {
+        "config": TrainConfig(model="mlp").to_dict(),
+        "epoch": 1,
+        "step": 0,
+        "elapsed": 1.5,
+        "world_size": 1,
+        "model": model.state_dict(),
+        "ema": None,
+        "optimizer": optimizer.state_dict(),
+        "plateau": None,
+        "step_scheduler": None,
+        "grad_scaler": None,
+        "early_stopping": {"best": 0.5, "bad_epochs": 0},
+        "best": {"metric": "valid_accuracy", "value": 0.5, "epoch": 3},
+        "rank_states": [
+            {"cpu_rng": torch.get_rng_state(), "cuda_rng": None, "loss_sum": 0.0, "count": 0}
+        ],
+    }
 
 
 def mlp_checkpoint(path: Path, seed: int = 0, **meta) -> torch.nn.Module:
@@ -62,8 +86,11 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
         Path(tmp).write_text("half")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(WriteFailed) as failed:
         atomic_write(target, half_then_fail)
+    message = one_line(failed)
+    assert f"cannot write {target}: No space left on device (" in message
+    assert re.search(r"\(\d+(\.\d)? (GB|MB|kB|bytes) free there\)", message), message
     assert target.read_text() == "good"
     assert tmp_leftovers(tmp_path) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors"]
@@ -115,13 +142,8 @@ def test_resume_state_round_trips_with_weights_only(tmp_path):
     optimizer = torch.optim.Adam(model.parameters())
     model(torch.randn(2, 1, 28, 28)).sum().backward()
     optimizer.step()
-    state = {
-        "epoch": 4,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "rng": torch.get_rng_state(),
-        "best": {"metric": "valid_accuracy", "value": 0.5, "epoch": 3},
-    }
+    state = resume_state(model, optimizer)
+    state.update(epoch=4, rng=torch.get_rng_state())
     save_resume_state(path, state)
     assert tmp_leftovers(tmp_path) == []
     direct = torch.load(path, weights_only=True)  # no arbitrary pickles inside
@@ -261,3 +283,47 @@ def test_bad_resume_state(tmp_path, kind):
     with pytest.raises(UserError) as exc:
         load_resume_state(path)
     assert str(path) in one_line(exc)
+
+
+def test_checkpoint_writes_go_through_one_temporary_file_of_ours(tmp_path):
+    """Every name that appears in the folder while checkpoints are written is the target or
+    atomic_write's .<target>.<random>.tmp. safetensors' save_file writes through a
+    .tmpXXXXXX file of its own first: a kill during it left that file behind, unknown to the
+    cleanup of the time (rundir.TEMP_FILE_PATTERNS now also removes such leftovers)."""
+    import threading
+
+    seen: set[str] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            seen.update(os.listdir(tmp_path))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for seed in range(3):  # 40 MB each: long enough writes to be seen
+            save_model_checkpoint(
+                tmp_path / "last.safetensors", {"w": torch.full((10_000_000,), float(seed))}, {}
+            )
+    finally:
+        done.set()
+        watcher.join()
+    temporary = seen - {"last.safetensors"}
+    assert temporary, "the watcher saw no temporary file: it proves nothing"
+    others = [n for n in temporary if not Path(n).match(".last.safetensors.*.tmp")]
+    assert others == [], others
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '"completed"', "{bad json", "\xff\xfe"])
+def test_run_files_edited_into_something_else_read_as_missing(tmp_path, text):
+    """summary.json or config.json edited into a list, a string or garbage: read_json gives
+    None (as for a missing file), so no caller meets a list where it expects an object (a
+    summary.json holding a list made `train --resume` fail with an AttributeError)."""
+    from fmnist_accel.rundir import read_json, run_status
+
+    (tmp_path / "summary.json").write_bytes(text.encode("latin-1"))
+    assert read_json(tmp_path / "summary.json") is None
+    assert run_status(tmp_path) is None
+    (tmp_path / "summary.json").write_text('{"status": "completed"}')
+    assert run_status(tmp_path) == "completed"
