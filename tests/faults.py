@@ -15,8 +15,12 @@ Environment variables choose the faults (all optional):
   FAULT_KILL_WRITE=NAME:N    SIGKILL this process during its N-th atomic write of a file named
                              NAME, after half of the new file is on disk and before it
                              replaces the old one
+  FAULT_ONCE_FILE=PATH       the kill and stop faults strike once in all: the first creates
+                             PATH, and none strikes while it exists
 Under an elastic launcher (--max_restarts) the faults strike the first attempt only: the
-processes of a restarted group (TORCHELASTIC_RESTART_COUNT > 0) run without them.
+processes of a restarted group (TORCHELASTIC_RESTART_COUNT > 0) run without them. Across
+machines the count is each launcher's own (a launcher restarted for another's failure
+keeps 0), so tests there use FAULT_ONCE_FILE.
 The package code has no hooks for this: the faults are patched in from outside.
 """
 
@@ -59,15 +63,24 @@ def install_faults() -> None:
     real_loss = engine.training_loss
     steps = 0
 
+    once = Path(os.environ["FAULT_ONCE_FILE"]) if os.environ.get("FAULT_ONCE_FILE") else None
+
+    def strike(signum: int) -> None:
+        if once is not None:
+            if once.exists():
+                return
+            once.touch()
+        os.kill(os.getpid(), signum)
+
     def faulty_loss(logits, labels, label_smoothing):
         nonlocal steps
         steps += 1
         if kill_step is not None and steps == kill_step:
-            os.kill(os.getpid(), signal.SIGKILL)
+            strike(signal.SIGKILL)
         if term_step is not None and steps == term_step:
             os.kill(os.getpid(), signal.SIGTERM)
         if stop_step is not None and steps == stop_step:
-            os.kill(os.getpid(), signal.SIGSTOP)
+            strike(signal.SIGSTOP)
         if pause_step is not None and steps == pause_step:
             pause = Path(os.environ["FAULT_PAUSE_FILE"])
             pause.touch()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from launching import (
     run,
     summary,
     train,
+    wait_for_port,
     why,
 )
 from safetensors.torch import load_file
@@ -201,17 +201,6 @@ def test_one_and_two_processes_agree_at_the_same_global_batch(data_dir, tmp_path
     assert w1.keys() == w2.keys()
     for key in w1:
         torch.testing.assert_close(w1[key], w2[key], rtol=1e-3, atol=1e-4)
-
-
-def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise AssertionError(f"nothing listens on port {port} after {timeout} s")
 
 
 def test_two_machines_on_localhost_train_together(data_dir, tmp_path):

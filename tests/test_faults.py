@@ -32,10 +32,12 @@ from launching import (
     FAULTS,
     REPO,
     child_env,
+    free_port,
     launch_command,
     metrics,
     summary,
     train,
+    wait_for_port,
     why,
 )
 from safetensors.torch import load_file, save_file
@@ -124,6 +126,38 @@ def test_killed_rank_is_restarted_and_the_run_ends_as_if_never_interrupted(
     [run] = out.iterdir()  # one run folder: the restart continued it
     assert_same_results(run, reference)
     assert [r["epoch"] for r in summary(run)["ranks"]] == [EPOCHS, EPOCHS]
+
+
+def test_killed_rank_on_one_of_two_machines_is_restarted(data_dir, reference, tmp_path):
+    """Two launchers on 127.0.0.1 (two "machines", c10d rendezvous), as docs/faults.md says
+    to run them: --run-name, --resume auto and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (without
+    it, torch 2.14 reuses the rendezvous store and the restarted group cannot connect). Rank 1
+    is killed in epoch 2: both launchers restart, and the run ends as if never interrupted."""
+    port = free_port()
+    env = child_env(
+        ACCELERATE_USE_CPU="1",
+        TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",
+        FAULT_ONLY_RANK="1",
+        FAULT_KILL_STEP=str(STEPS_PER_EPOCH + 4),
+        FAULT_ONCE_FILE=str(tmp_path / "killed-once"),
+    )
+    args = [*options(data_dir, tmp_path / "runs"), "--run-name", "mm", "--resume", "auto"]
+    procs = []
+    for machine_rank in (0, 1):
+        cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_machines", "2",
+               "--machine_rank", str(machine_rank), "--num_processes", "2",
+               "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+               "--rdzv_backend", "c10d", "--max_restarts", "2", str(FAULTS), *args]  # fmt: skip
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))  # fmt: skip
+        if machine_rank == 0:
+            wait_for_port(port, procs[0])
+    outs = [p.communicate(timeout=400) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert (tmp_path / "killed-once").exists()  # the kill did happen
+    assert "resuming after epoch 1" in outs[0][0] + outs[1][0]
+    assert_same_results(tmp_path / "runs" / "mm", reference)
 
 
 def test_hung_rank_stops_the_others_at_the_collective_timeout_and_the_group_restarts(
