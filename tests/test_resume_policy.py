@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from fmnist_accel import rundir
 from fmnist_accel.checkpoint import save_resume_state
@@ -36,7 +37,22 @@ def saved_run(
     config = resolve_config({"epochs": 4, **options}).to_dict()
     folder.mkdir(parents=True)
     (folder / rundir.CONFIG).write_text(json.dumps(config))
-    state = {"config": config, "epoch": epoch, "step": 0, "world_size": 1}
+    state = {  # every field a real resume.pt has (checkpoint.resume_state_problem checks)
+        "config": config,
+        "epoch": epoch,
+        "step": 0,
+        "elapsed": 1.0,
+        "world_size": 1,
+        "model": {},
+        "ema": None,
+        "optimizer": {},
+        "plateau": None,
+        "step_scheduler": None,
+        "grad_scaler": None,
+        "early_stopping": {},
+        "best": {},
+        "rank_states": [{"cpu_rng": torch.get_rng_state(), "loss_sum": 0.0, "count": 0}],
+    }
     save_resume_state(folder / rundir.RESUME, state)
     if status is not None:
         (folder / rundir.SUMMARY).write_text(json.dumps({"status": status}))
