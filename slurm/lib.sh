@@ -557,6 +557,10 @@ multi_node_job() { # TRAINING_OPTIONS...
     fi
     export FMNIST_PORT=$PORT
     export FMNIST_MAX_RESTARTS=$MAX_RESTARTS
+    # torch 2.14 hands a restarted group the launcher's old rendezvous store, where restarted
+    # gloo ranks find their dead peers' addresses (connectFullMesh refused): a fresh store per
+    # restart avoids it (docs/faults.md).
+    if ((MAX_RESTARTS > 0)); then export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1; fi
     export FMNIST_LAUNCH_ARGS=$LAUNCH_ARGS
     export FMNIST_PYTHON=$PYTHON
     export SETUP_FILE=${SETUP_FILE:-}
