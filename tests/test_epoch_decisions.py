@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from fakedata import fake_split, idx_bytes
-from launching import metrics, summary, train, why
+from launching import evaluate_json, metrics, summary, train, why
 from safetensors import safe_open
 
 EPOCHS = 12
@@ -170,3 +170,16 @@ def test_a_run_resumed_in_the_middle_of_its_patience_decides_as_if_never_stopped
         assert checkpoint_epoch(run / f"{name}.safetensors") == checkpoint_epoch(
             uninterrupted / f"{name}.safetensors"
         )
+
+
+def test_eval_confusion_matrix_rows_are_the_true_classes(uninterrupted, noisy_data):
+    """The only model of the suite that is wrong on half the test images: a transposed
+    confusion matrix shows only where predictions and labels differ."""
+    report = evaluate_json(1, ["best", "--run-dir", str(uninterrupted)])
+    raw = (noisy_data / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte").read_bytes()
+    labels = torch.tensor(list(raw[8:]))
+    matrix = report["confusion_matrix"]
+    assert report["accuracy"] < 0.9
+    assert [sum(row) for row in matrix] == torch.bincount(labels, minlength=10).tolist()
+    assert torch.tensor(matrix).sum(0).tolist() != torch.tensor(matrix).sum(1).tolist()
+    assert report["accuracy"] == sum(matrix[i][i] for i in range(10)) / len(labels)
