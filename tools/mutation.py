@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "fmnist_accel"
 
 # Test selections, fastest first (pytest runs them in the order given, and stops at the first
-# failure). New files of issue 16 are named as such only in docs/testing.md.
+# failure).
 ENGINE = "tests/test_engine.py"
 CHECKPOINT = "tests/test_checkpoint.py"
 AUGMENT = "tests/test_augment.py"
@@ -48,6 +48,7 @@ DIST_EARLY = DIST + "test_early_stopping_stops_every_rank_at_the_same_epoch"
 DIST_AGREE = DIST + "test_one_and_two_processes_agree_at_the_same_global_batch"
 SEEDED = "tests/test_seeded_run.py"
 DECISIONS = "tests/test_epoch_decisions.py"
+CONFUSION = DECISIONS + "::test_eval_confusion_matrix_rows_are_the_true_classes"
 SCHEDULES = "tests/test_schedules.py"
 BATCHNORM = "tests/test_batchnorm_ranks.py"
 TORN = "tests/test_torn_writes.py"
@@ -91,7 +92,7 @@ MUTANTS = [
       CLI_EVAL, SEEDED),
     m("eval-confusion-transposed", "confusion matrix rows and columns swapped",
       "y * NUM_CLASSES + logits.argmax(1)", "logits.argmax(1) * NUM_CLASSES + y",
-      CLI_EVAL),
+      CLI_EVAL, CONFUSION),
     m("eval-sums-not-reduced", "evaluation sums stay per rank (no all-reduce)",
       'totals = accelerator.reduce(torch.cat([loss_sum[None], confusion]), "sum").cpu()',
       "totals = torch.cat([loss_sum[None], confusion]).cpu()",
