@@ -34,9 +34,13 @@ PACKAGE = ROOT / "fmnist_accel"
 
 # Test selections, fastest first (pytest runs them in the order given, and stops at the first
 # failure).
-ENGINE = "tests/test_engine.py"
+UNIT_DECISIONS = "tests/test_decisions.py"
+EMA_UNIT = "tests/test_ema.py"
+EMA_STEPS = "tests/test_engine.py::test_every_optimizer_step_updates_the_weight_average"
+RESUME_POLICY = "tests/test_resume_policy.py"
 CHECKPOINT = "tests/test_checkpoint.py"
 AUGMENT = "tests/test_augment.py"
+CLI_RUN = "tests/test_cli.py::test_train_writes_the_run_folder"
 CLI_EVAL = "tests/test_cli.py::test_eval_json_is_one_object_with_the_test_metrics"
 CLI_VALID = "tests/test_cli.py::test_eval_of_the_validation_split_gives_the_figures_the_run_logged"
 NONFINITE = "tests/test_bad_input.py::test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint"
@@ -52,7 +56,7 @@ CONFUSION = DECISIONS + "::test_eval_confusion_matrix_rows_are_the_true_classes"
 SCHEDULES = "tests/test_schedules.py"
 BATCHNORM = "tests/test_batchnorm_ranks.py"
 TORN = "tests/test_torn_writes.py"
-AVERAGE = "tests/test_weight_average.py"
+EMA_RUN = "tests/test_ema_run.py"
 
 
 @dataclass(frozen=True)
@@ -73,13 +77,13 @@ MUTANTS = [
     # --- engine: early stopping, evaluation, the training step ------------------------
     m("early-stop-equal-improves", "an equal validation loss counts as an improvement",
       "if loss < self.best - self.min_delta:", "if loss <= self.best - self.min_delta:",
-      ENGINE, DECISIONS),
+      UNIT_DECISIONS, DECISIONS),
     m("early-stop-patience-off-by-one", "stops at the patience-th bad epoch, not after it",
       "return self.bad_epochs > self.patience", "return self.bad_epochs >= self.patience",
-      ENGINE, DECISIONS),
+      UNIT_DECISIONS, DECISIONS),
     m("early-stop-counter-not-loaded", "EarlyStopping.load_state_dict forgets the count",
       'self.bad_epochs = int(state["bad_epochs"])', "self.bad_epochs = 0",
-      ENGINE, DECISIONS),
+      UNIT_DECISIONS, DECISIONS),
     m("bn-average-is-a-sum", "BatchNorm statistics summed over ranks instead of averaged",
       'flat = accelerator.reduce(flat, "mean")', 'flat = accelerator.reduce(flat, "sum")',
       BATCHNORM),
@@ -138,14 +142,14 @@ MUTANTS = [
     m("best-not-strict", "an equal metric replaces the best checkpoint",
       "(value > self.value if self.maximize else value < self.value)",
       "(value >= self.value if self.maximize else value < self.value)",
-      ENGINE, DECISIONS),
+      UNIT_DECISIONS, DECISIONS),
     m("best-metric-ignored", "--best-metric ignored: the best checkpoint by validation loss",
       'record["is_best"] = s.best.update(record[cfg.best_metric], epoch)',
       'record["is_best"] = s.best.update(record["valid_loss"], epoch)',
-      DECISIONS),
+      CLI_RUN, DECISIONS),
     m("best-copied-every-epoch", "best.safetensors rewritten every epoch",
       'if record.get("is_best"):\n        atomic_copy(', "if True:\n        atomic_copy(",
-      DECISIONS),
+      CLI_RUN, DECISIONS),
     m("plateau-on-accuracy", "the plateau scheduler watches validation accuracy",
       "s.plateau.step(valid.loss)", "s.plateau.step(valid.accuracy)",
       DIST_PLATEAU, DECISIONS),
@@ -168,7 +172,7 @@ MUTANTS = [
     m("ema-not-used", "the EMA is kept but the raw weights validated and saved",
       "return self.ema.module if self.ema is not None else self.plain_model",
       "return self.plain_model",
-      AVERAGE),
+      EMA_RUN, EMA_STEPS, RESUME),
     m("same-order-every-epoch", "the loop asks for the first epoch's data every epoch",
       "epoch_data = s.stream.epoch(epoch)", "epoch_data = s.stream.epoch(s.start_epoch + 1)",
       SEEDED, RESUME),
@@ -197,9 +201,9 @@ MUTANTS = [
       "rundir.remove_temp_files(resume_dir)", "None",
       TORN, RESUME),
     m("completed-run-not-extended", "a completed run resumed with more --epochs does nothing",
-      'status == "completed" and state["epoch"] < resumed["epochs"]',
-      'status == "completed" and state["epoch"] > resumed["epochs"]',
-      DECISIONS),
+      'status == rundir.COMPLETED and state["epoch"] < resumed["epochs"]',
+      'status == rundir.COMPLETED and state["epoch"] > resumed["epochs"]',
+      RESUME_POLICY, DECISIONS),
     # --- checkpoints -------------------------------------------------------------------
     m("checkpoint-write-in-place", "save_model_checkpoint writes the file in place",
       "atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))",
@@ -232,11 +236,11 @@ MUTANTS = [
     # --- the weight average ------------------------------------------------------------
     m("ema-decay-swapped", "EMA weights new values by decay instead of 1 - decay",
       "1.0 - self.decay)", "self.decay)",
-      AVERAGE),
+      EMA_UNIT),
     m("ema-skips-buffers", "the EMA averages parameters but not BatchNorm statistics",
       "for ours, source in zip(mine[:2], theirs[:2], strict=True):",
       "for ours, source in zip(mine[:1], theirs[:1], strict=True):",
-      AVERAGE),
+      EMA_UNIT),
 ]  # fmt: skip
 
 
