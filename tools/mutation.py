@@ -405,9 +405,9 @@ def main() -> int:
     finally:
         clean = package_is_clean()
 
-    print(f"\n{'mutant':34} {'file':28} {'result':17} {'s':>5}")
+    print(f"\n{'mutant':34} {'file':30} {'result':17} {'s':>5}")
     for r in results:
-        print(f"{r['mutant']:34} {r['file']:28} {r['result']:17} {r['seconds']:>5}")
+        print(f"{r['mutant']:34} {r['file']:30} {r['result']:17} {r['seconds']:>5}")
     killed = sum(r["result"].startswith("killed") for r in results)
     errors = sum(r["result"] == "ERROR" for r in results)
     scored = len(results) - errors
