@@ -140,6 +140,14 @@ class EvalResult:
         return [row[i] / max(1, sum(row)) for i, row in enumerate(self.confusion)]
 
 
+def predict_logits(model, x: torch.Tensor, tta: bool) -> torch.Tensor:
+    """fp32 logits of a batch; with flip TTA, the average with those of its mirror images."""
+    logits = model(x).float()
+    if tta:
+        logits = (logits + model(x.flip(-1)).float()) / 2
+    return logits
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module, eval_set, accelerator, batch_size: int, tta: bool = False
@@ -158,9 +166,7 @@ def evaluate(
     confusion = torch.zeros(NUM_CLASSES * NUM_CLASSES, device=device, dtype=torch.float64)
     with accelerator.autocast():
         for x, y in eval_set.batches(batch_size):
-            logits = model(x).float()
-            if tta:
-                logits = (logits + model(x.flip(-1)).float()) / 2
+            logits = predict_logits(model, x, tta)
             loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
             confusion += torch.bincount(
                 y * NUM_CLASSES + logits.argmax(1), minlength=NUM_CLASSES**2

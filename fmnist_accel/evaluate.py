@@ -95,13 +95,15 @@ def tta_warning(path, config: dict) -> str | None:
 TTA_COST = "mlp 0.9016 -> 0.8571, cnn-bn 0.9020 -> 0.8185"
 
 
-def eval_split(data_dir: str, split: str, config: dict) -> Split:
+def eval_split(data_dir: str, split: str, config: dict, allow_download: bool = True) -> Split:
     """The test split, or the validation images of the run that `config` describes: the
     same seeded permutation of the training file that the run drew them from."""
     if split == "test":
-        return load_split(data_dir, "test")
+        return load_split(data_dir, "test", allow_download=allow_download)
     _, valid = train_valid_split(
-        load_split(data_dir, "train"), config["valid_size"], config["seed"]
+        load_split(data_dir, "train", allow_download=allow_download),
+        config["valid_size"],
+        config["seed"],
     )
     return valid
 

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .device_data import EvalSet, shard_bounds
+from .engine import predict_logits
 
 
 @dataclass
@@ -39,9 +40,7 @@ def most_confident_mistakes(
     position = first
     with accelerator.autocast():
         for x, y in eval_set.batches(batch_size):
-            logits = model(x).float()
-            if tta:
-                logits = (logits + model(x.flip(-1)).float()) / 2
+            logits = predict_logits(model, x, tta)
             predicted = logits.argmax(1)
             confidence = logits.softmax(1).gather(1, predicted[:, None])[:, 0]
             wrong = predicted != y

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from .data import Split, load_split, train_valid_split
+from .data import Split, load_split
 from .errors import UserError
 from .runinfo import read_metrics
 from .tb_hparams import write_run_hparams
@@ -119,19 +119,15 @@ def figure_split(accelerator, checkpoint: Path | None, say) -> tuple[str, str | 
 
 def load_for_figures(checkpoint: Path, split_name: str):
     """(model, metadata, split) on this rank; UserError if any is missing or broken."""
+    from .evaluate import eval_split
     from .trained_model import model_from_checkpoint
 
     model, meta = model_from_checkpoint(checkpoint)
     config = meta.get("config", {})
     data_dir = config.get("data_dir", "data")
-    if split_name == "test":
-        return model, meta, load_split(data_dir, "test", allow_download=False)
-    if not config.get("valid_size"):
+    if split_name == "valid" and not config.get("valid_size"):
         raise UserError("no test files and no validation split to draw from")
-    _, valid = train_valid_split(
-        load_split(data_dir, "train", allow_download=False), config["valid_size"], config["seed"]
-    )
-    return model, meta, valid
+    return model, meta, eval_split(data_dir, split_name, config, allow_download=False)
 
 
 def draw_into_tensorboard(accelerator, run_dir, report: dict, mistakes, split: Split) -> None:
