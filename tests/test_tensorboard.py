@@ -114,11 +114,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The local server directly, whatever proxies the environment names.
+LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def post(base: str, path: str, body: dict) -> dict:
     request = urllib.request.Request(
         base + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
     )
-    with urllib.request.urlopen(request, timeout=20) as response:
+    with LOCAL.open(request, timeout=20) as response:
         return json.loads(response.read())
 
 
@@ -138,16 +142,18 @@ def test_tensorboard_server_shows_one_run_and_one_hparams_row_per_run_folder(
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        runs, deadline = [], time.monotonic() + 120
+        # TensorBoard takes long to start on a busy 2-core machine: wait for it, up to 5 min.
+        runs, deadline = [], time.monotonic() + 300
         while len(runs) < 2 and time.monotonic() < deadline:
+            assert server.poll() is None, f"tensorboard exited with {server.returncode}"
             try:
-                with urllib.request.urlopen(base + "/data/runs", timeout=5) as response:
+                with LOCAL.open(base + "/data/runs", timeout=5) as response:
                     runs = json.loads(response.read())
             except OSError:
                 pass
             time.sleep(0.5)
         time.sleep(2)  # a second reload pass: every file of both runs read
-        with urllib.request.urlopen(base + "/data/runs", timeout=5) as response:
+        with LOCAL.open(base + "/data/runs", timeout=5) as response:
             runs = json.loads(response.read())
         assert sorted(runs) == ["resumed/tensorboard", "tiny/tensorboard"]
         experiment = post(base, "/data/plugin/hparams/experiment", {"experimentName": ""})
