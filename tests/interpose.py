@@ -2,20 +2,25 @@
 
     python tests/interpose.py [train options]          (or through accelerate launch)
 
-Unlike faults.py, this patches only the libraries the package calls (torch, safetensors),
-never the package itself, so the tests that use it hold whatever the package's modules are
-called. Environment variables (all optional):
+Unlike faults.py, this patches only the libraries the package calls (torch, safetensors,
+Python's own file opening), never the package itself, so the tests that use it hold whatever
+the package's modules are called and however they write. Environment variables (optional):
 
   SPY_LOSS_DIR=DIR     append one JSON line per torch.nn.functional.cross_entropy call to
                        DIR/rank<R>.jsonl: {"train": grad enabled, "labels": [...] (training
                        calls only), "label_smoothing": x}
-  TEAR_WRITE=LIB:N     at the N-th file this process writes with LIB (`safetensors`:
-                       safetensors.torch.save_file, `torch`: torch.save), write it, cut it to
-                       half its size, then SIGKILL this process: a write torn by a kill
+  TEAR_WRITE=NAME:N    the N-th file this process writes whose name contains NAME (e.g.
+                       `last.safetensors`, which a temporary `.last.safetensors.x.tmp` also
+                       contains) gets about half its bytes, then the process is SIGKILLed:
+                       a write torn by a kill. Writes are counted however they are made:
+                       open() or Path.write_bytes() in a write mode, safetensors'
+                       save_file(), torch.save() to a path.
 """
 
 from __future__ import annotations
 
+import builtins
+import io
 import json
 import os
 import runpy
@@ -46,33 +51,69 @@ def spy_on_cross_entropy(folder: Path) -> None:
     F.cross_entropy = watched
 
 
-def tear_nth_write(library: str, n: int) -> None:
-    module, name, path_keyword = {
-        "safetensors": (safetensors.torch, "save_file", "filename"),
-        "torch": (torch, "save", "f"),
-    }[library]
-    real = getattr(module, name)
-    calls = 0
+class TornFile:
+    """A file open for writing whose first write stops halfway, and the process with it."""
 
-    def tearing(*args, **kwargs):
-        nonlocal calls
-        calls += 1
-        result = real(*args, **kwargs)
-        if calls == n:
-            path = args[1] if len(args) > 1 else kwargs[path_keyword]
-            with open(path, "r+b") as f:
-                f.truncate(os.path.getsize(path) // 2)
-            os.kill(os.getpid(), signal.SIGKILL)
-        return result
+    def __init__(self, file):
+        self.file = file
 
-    setattr(module, name, tearing)
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        self.file.write(view[: len(view) // 2])
+        self.file.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
+def tear_nth_write(name: str, n: int) -> None:
+    writes = 0
+
+    def is_nth(path) -> bool:
+        nonlocal writes
+        if not isinstance(path, str | os.PathLike) or name not in os.fspath(path):
+            return False
+        writes += 1
+        return writes == n
+
+    real_open = io.open
+
+    def tearing_open(file, mode="r", *args, **kwargs):
+        opened = real_open(file, mode, *args, **kwargs)
+        # "r+" opens (atomic_write's fsync) change nothing: only w, a and x count
+        return TornFile(opened) if any(m in mode for m in "wax") and is_nth(file) else opened
+
+    io.open = builtins.open = tearing_open
+
+    # Libraries that write a path themselves (Rust, C++): write, cut in half, kill.
+    def tearing_library(real, path_keyword):
+        def call(*args, **kwargs):
+            path = args[1] if len(args) > 1 else kwargs.get(path_keyword)
+            result = real(*args, **kwargs)
+            if is_nth(path):
+                with real_open(path, "r+b") as f:
+                    f.truncate(os.path.getsize(path) // 2)
+                os.kill(os.getpid(), signal.SIGKILL)
+            return result
+
+        return call
+
+    safetensors.torch.save_file = tearing_library(safetensors.torch.save_file, "filename")
+    torch.save = tearing_library(torch.save, "f")
 
 
 if __name__ == "__main__":
     if os.environ.get("SPY_LOSS_DIR"):
         spy_on_cross_entropy(Path(os.environ["SPY_LOSS_DIR"]))
     if os.environ.get("TEAR_WRITE"):
-        library, count = os.environ["TEAR_WRITE"].split(":")
-        tear_nth_write(library, int(count))
+        name, count = os.environ["TEAR_WRITE"].rsplit(":", 1)
+        tear_nth_write(name, int(count))
     sys.argv = ["python -m fmnist_accel.train", *sys.argv[1:]]
     runpy.run_module("fmnist_accel.train", run_name="__main__", alter_sys=True)

@@ -1,7 +1,8 @@
 """A process killed in the middle of writing a checkpoint or resume.pt leaves the previous
-file whole: the test looks at the files themselves. tests/interpose.py lets the library
-(safetensors, torch.save) write the file, cuts it to half and SIGKILLs the process, so
-whatever path the package gave the library is the torn one."""
+file whole: the test looks at the files themselves. tests/interpose.py lets the N-th write of
+a file whose name contains `last.safetensors` (or `resume.pt`) put down half its bytes and
+SIGKILLs the process, whichever file the package wrote to (its own temporary file, or the
+checkpoint itself) and however (open(), safetensors, torch.save)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def test_writes_killed_halfway_leave_the_previous_files_whole(tmp_path):
     folder = tmp_path / "runs" / "r"
 
     # Epoch 2 saves resume.pt, then dies halfway through its last.safetensors.
-    proc = train_tearing(args, "safetensors:2")
+    proc = train_tearing(args, "last.safetensors:2")
     assert proc.returncode == -signal.SIGKILL, why(proc)
     assert checkpoint_epoch(folder / "last.safetensors") == 1
     assert checkpoint_epoch(folder / "best.safetensors") == 1
@@ -50,7 +51,7 @@ def test_writes_killed_halfway_leave_the_previous_files_whole(tmp_path):
 
     # The resume writes epoch 2's checkpoints again, trains epoch 3, and dies halfway
     # through its resume.pt.
-    proc = train_tearing(args, "torch:1")
+    proc = train_tearing(args, "resume.pt:1")
     assert proc.returncode == -signal.SIGKILL, why(proc)
     assert "resuming after epoch 2" in proc.stdout
     assert resume_epoch(folder / "resume.pt") == 2

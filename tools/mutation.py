@@ -350,6 +350,7 @@ def main() -> int:
         help="skip the check that the selected tests pass unmutated",
     )
     parser.add_argument("--json", metavar="FILE", help="also write the results here")
+    parser.add_argument("--verbose", action="store_true", help="print each run's output tail")
     args = parser.parse_args()  # fmt: skip
 
     names = [mu.name for mu in MUTANTS]
@@ -404,7 +405,8 @@ def main() -> int:
             }
             results.append(result)
             print(f"[{i}/{len(chosen)}] {mu.name}: {result['result']} ({seconds:.0f} s)"
-                  + (f"  {out}" if status == "error" else ""), flush=True)  # fmt: skip
+                  + (f"  {out}" if status == "error" or args.verbose else ""),
+                  flush=True)  # fmt: skip
     finally:
         clean = package_is_clean()
 
