@@ -305,7 +305,8 @@ def test_multinode_job_requeues_and_resumes(cluster, data, tmp_path):
         assert f"machine {rank} ({cluster.node}): stop requested" in log, log
     # One log, appended by both starts, tells the story.
     assert "==== start 2 (requeue 1 of at most 3; SLURM_RESTART_COUNT=1)" in log, log
-    assert "SIGUSR1" in log and "stopped by SIGTERM in epoch" in log, log
+    # The signal may land mid-epoch or while epoch 1 is still being saved: both save.
+    assert "SIGUSR1" in log and re.search(r"stopped by SIGTERM (in|after) epoch", log), log
     # Both machines stopped cleanly: the main process wrote summary.json before the step ended.
     assert "this start saved new state; run status: preempted" in log, log
     assert f"requeueing {job.ref} (requeue 1 of at most 3)" in log, log
