@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from .data import MEAN, STD, Split
 from .errors import UserError
 
-CROP_PADDING = 2
+CROP_PADDING = 2  # the default of --crop-padding
 
 
 def normalise(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
@@ -50,14 +50,19 @@ def epoch_indices(n: int, world_size: int, rank: int, seed: int, epoch: int) -> 
     return order[: per_rank * world_size].view(per_rank, world_size)[:, rank]
 
 
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random crop with zero padding CROP_PADDING and random horizontal flip, per image.
+def augment(
+    images: torch.Tensor, generator: torch.Generator, padding: int = CROP_PADDING
+) -> torch.Tensor:
+    """Random crop with zero padding `padding` (0: none) and random horizontal flip, per image.
 
     images: uint8 (N, 28, 28) on any device; the random draws come from `generator` (CPU)
     so they do not depend on the device. Labels are untouched by construction.
     """
     n, h, w = images.shape
-    p = CROP_PADDING
+    p = padding
+    if p == 0:
+        flips = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+        return torch.where(flips[:, None, None], images.flip(-1), images)
     shifts = torch.randint(0, 2 * p + 1, (2, n), generator=generator).to(images.device)
     flips = (torch.rand(n, generator=generator) < 0.5).to(images.device)
     padded = F.pad(images, (p, p, p, p))
@@ -82,6 +87,7 @@ class TrainStream:
         seed: int,
         augment: bool,
         channels_last: bool,
+        crop_padding: int = CROP_PADDING,
     ):
         if len(split) < 2 * world_size:
             # Fewer than 2 images per rank: no step (a batch of one sits out, see
@@ -98,6 +104,7 @@ class TrainStream:
         self.rank = rank
         self.seed = seed
         self.augment = augment
+        self.crop_padding = crop_padding
         self.channels_last = channels_last
 
     @property
@@ -117,7 +124,9 @@ class TrainStream:
         idx = idx.to(self.images.device)
         images = self.images[idx]
         if self.augment:
-            images = augment(images, seeded_generator(self.seed, epoch, self.rank, 1))
+            images = augment(
+                images, seeded_generator(self.seed, epoch, self.rank, 1), self.crop_padding
+            )
         return normalise(images, self.channels_last), self.labels[idx]
 
     def batch(self, epoch_data: tuple[torch.Tensor, torch.Tensor], step: int):

@@ -1,4 +1,4 @@
-"""The seed's three models and a ResNet-9, by name.
+"""The seed's three models, a ResNet-9 and two faster ResNets, by name.
 
 Every model takes normalised images of shape (N, 1, 28, 28) and returns (N, 10) logits.
 The layer shapes of mlp, cnn and cnn-bn follow the seed (docs/original-recipe.md), including its
@@ -8,6 +8,8 @@ an nn.Dropout module, so model.eval() turns it off.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -148,11 +150,58 @@ class ResNet9(nn.Module):
         return self.classifier(self.features(x)) * self.logit_scale
 
 
-MODELS: dict[str, type[nn.Module]] = {
+class HalfResNet(nn.Module):
+    """The ResNet-9 shape with a max-pool right after its first convolution, for speed.
+
+    Only the one-channel stem runs at 28 x 28; every later layer runs at 14 x 14 or below,
+    where a convolution costs a quarter as much. ResNet-9 spends most of its time in its
+    second convolution and first residual block at 28 x 28 and 14 x 14; here they run at
+    14 x 14 and with fewer channels, so a step costs about a third of ResNet-9's (2x to 4x
+    the images per second on a 2-core CPU) for almost the same accuracy per epoch on these
+    small images (benchmarks/RESULTS.md, "Time to accuracy"). The last block is widest: at
+    3 x 3 its channels are cheap.
+    """
+
+    def __init__(self, widths: tuple[int, int, int, int]):
+        super().__init__()
+        w0, w1, w2, w3 = widths
+        self.features = nn.Sequential(
+            conv_bn_relu(1, w0),  # 28 x 28
+            nn.MaxPool2d(2),  # 14 x 14
+            conv_bn_relu(w0, w1),
+            Residual(w1),
+            conv_bn_relu(w1, w2),
+            nn.MaxPool2d(2),  # 7 x 7
+            conv_bn_relu(w2, w3),
+            nn.MaxPool2d(2),  # 3 x 3
+            Residual(w3),
+            nn.AdaptiveMaxPool2d(1),
+            nn.Flatten(),
+        )
+        self.classifier = nn.Linear(w3, 10)
+        self.logit_scale = 0.125  # as in ResNet-9: small logits at high SGD learning rates
+
+    def forward(self, x):
+        return self.classifier(self.features(x)) * self.logit_scale
+
+
+def resnet_s() -> HalfResNet:
+    """0.42M parameters: the `fast` recipe's model."""
+    return HalfResNet((24, 32, 64, 128))
+
+
+def resnet_m() -> HalfResNet:
+    """0.93M parameters: the `accurate` recipe's model."""
+    return HalfResNet((32, 48, 96, 192))
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
     "mlp": MLP,
     "cnn": CNN,
     "cnn-bn": CNNBN,
     "resnet9": ResNet9,
+    "resnet-s": resnet_s,
+    "resnet-m": resnet_m,
 }
 
 

@@ -157,7 +157,15 @@ def build_session(accelerator, plan: RunPlan, cfg: TrainConfig, reporter: Report
     full_train, test = load_data(accelerator, cfg)
     train_split, valid_split = train_valid_split(full_train, cfg.valid_size, cfg.seed)
     stream = TrainStream(
-        train_split, device, cfg.batch_size, world, rank, cfg.seed, cfg.augment, cfg.channels_last
+        train_split,
+        device,
+        cfg.batch_size,
+        world,
+        rank,
+        cfg.seed,
+        cfg.augment,
+        cfg.channels_last,
+        cfg.crop_padding,
     )
 
     def eval_set(split):

@@ -3,6 +3,7 @@ order, and test-time augmentation: shapes, determinism under a seed, labels unto
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -25,9 +26,8 @@ def images(n: int = 64) -> torch.Tensor:
     return fake_split(n, seed=3)[0]
 
 
-def crops_and_flips(image: torch.Tensor) -> list[torch.Tensor]:
-    """Every image augment() may make of `image`."""
-    p = CROP_PADDING
+def crops_and_flips(image: torch.Tensor, p: int = CROP_PADDING) -> list[torch.Tensor]:
+    """Every image augment() may make of `image` with crop padding p."""
     padded = F.pad(image, (p, p, p, p))
     out = []
     for dy in range(2 * p + 1):
@@ -59,6 +59,22 @@ def test_each_augmented_image_is_a_crop_or_mirror_of_its_own_source():
     assert sum(not r.equal(s) for s, r in zip(x, y, strict=True)) > len(x) // 2
 
 
+@pytest.mark.parametrize("padding", [0, 1, 3])
+def test_crop_padding_bounds_the_shifts(padding):
+    """--crop-padding P: every image is a shift of at most P pixels (0: only flips), and
+    with P > 0 some images are shifted by exactly P."""
+    x = images(64)
+    y = augment(x, seeded_generator(7), padding)
+    for source, result in zip(x, y, strict=True):
+        assert any(result.equal(c) for c in crops_and_flips(source, padding))
+    if padding == 0:
+        flipped = [r.equal(s.flip(-1)) and not r.equal(s) for s, r in zip(x, y, strict=True)]
+        assert 0 < sum(flipped) < len(x)  # about half the images are mirrored
+    else:
+        assert any(not any(r.equal(c) for c in crops_and_flips(s, padding - 1))
+                   for s, r in zip(x, y, strict=True)), "no image was shifted by P"  # fmt: skip
+
+
 def test_augmented_epoch_keeps_every_label_with_its_image():
     raw_images, labels = fake_split(200, seed=4)
     split = Split(raw_images, labels.long())
@@ -78,6 +94,22 @@ def test_augmented_epoch_keeps_every_label_with_its_image():
     again = augmented.epoch(3)
     assert again[0].equal(x_aug) and again[1].equal(y_aug)
     assert not augmented.epoch(4)[0].equal(x_aug)
+
+
+def test_an_epoch_with_crop_padding_0_holds_each_image_or_its_mirror():
+    """The `accurate` recipe's flips-only augmentation, through the training stream."""
+    raw_images, labels = fake_split(200, seed=4)
+    split = Split(raw_images, labels.long())
+    kwargs = dict(seed=7, channels_last=False)
+    plain = TrainStream(split, torch.device("cpu"), 16, 1, 0, augment=False, **kwargs)
+    flipped = TrainStream(split, torch.device("cpu"), 16, 1, 0, augment=True, crop_padding=0,
+                          **kwargs)  # fmt: skip
+    x_plain, x_flip = plain.epoch(2)[0], flipped.epoch(2)[0]
+    pairs = list(zip(x_plain, x_flip, strict=True))
+    mirrored = [b.equal(a.flip(-1)) and not b.equal(a) for a, b in pairs]
+    same = [b.equal(a) for a, b in pairs]
+    assert all(m or s for m, s in zip(mirrored, same, strict=True))
+    assert 60 < sum(mirrored) < 140  # about half of the 200
 
 
 def test_a_last_batch_of_one_image_is_left_out():

@@ -46,10 +46,20 @@ EXPECTED_PARAMETERS = {
     )
     + linear(256, 10),
 }
+# HalfResNet (resnet-s, resnet-m): ResNet-9's layers with widths w0..w3 (stem 1->w0, w0->w1,
+# residual w1, w1->w2, w2->w3, residual w3), and one linear layer.
+for _name, (w0, w1, w2, w3) in {
+    "resnet-s": (24, 32, 64, 128),
+    "resnet-m": (32, 48, 96, 192),
+}.items():
+    EXPECTED_PARAMETERS[_name] = sum(
+        conv3x3(i, o, bias=False) + batch_norm(o)
+        for i, o in [(1, w0), (w0, w1), (w1, w1), (w1, w1), (w1, w2), (w2, w3), (w3, w3), (w3, w3)]
+    ) + linear(w3, 10)
 
 
-def test_the_four_models_are_registered():
-    assert set(MODELS) == {"mlp", "cnn", "cnn-bn", "resnet9"}
+def test_the_six_models_are_registered():
+    assert set(MODELS) == {"mlp", "cnn", "cnn-bn", "resnet9", "resnet-s", "resnet-m"}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -59,8 +69,18 @@ def test_parameter_count(name):
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count_parameters(model)
 
 
-def test_resnet9_is_under_two_million_parameters():
-    assert count_parameters(build_model("resnet9")) <= 2_000_000
+@pytest.mark.parametrize("name", ["resnet9", "resnet-s", "resnet-m"])
+def test_resnets_are_under_two_million_parameters(name):
+    assert count_parameters(build_model(name)) <= 2_000_000
+
+
+def test_half_resnets_run_every_layer_after_the_stem_at_half_resolution():
+    """The point of HalfResNet: the first max-pool comes right after the one-channel stem."""
+    for name in ("resnet-s", "resnet-m"):
+        layers = list(build_model(name).features)
+        assert isinstance(layers[1], nn.MaxPool2d), name
+        stem_conv = layers[0][0]
+        assert stem_conv.in_channels == 1 and stem_conv.kernel_size == (3, 3), name
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
