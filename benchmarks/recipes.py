@@ -5,6 +5,8 @@ and the high-accuracy targets.
     python benchmarks/recipes.py --data-dir ../shared/data --set high-accuracy \
         --mixed-precision bf16
     python benchmarks/recipes.py --data-dir ../shared/data --set high-accuracy-cpu
+    python benchmarks/recipes.py --data-dir ../shared/data --set time-to-accuracy \
+        --mixed-precision bf16        # the CPU targets; also draws time-to-accuracy.png
 
 Each row is one `python -m fmnist_accel.train` process (its exact options are printed), then
 `fmnist-accel eval` of its best and last checkpoints (and of last with flip TTA). Times:
@@ -43,6 +45,22 @@ DEFAULT_CANDIDATES = {
     "b512-lr3e-3": ["--batch-size", "512", "--lr", "3e-3"],  # the default since
     "b256-lr2e-3-aug": ["--batch-size", "256", "--lr", "2e-3", "--augment"],
 }
+
+
+# Time to accuracy on a small CPU: each new recipe with 2 seeds (per-epoch accuracy moves by
+# about +-0.5 points, so a headline is a mean), beside the current recipes given about the
+# same training time. name -> (options, targets: (test accuracy, within seconds), TTA used).
+TIME_TO_ACCURACY = {
+    "fast": (["--recipe", "fast"], (0.93, 90), False),  # no flips trained: no flip TTA
+    "accurate": (["--recipe", "accurate"], (0.95, 300), True),
+    "default-4-epochs": (["--epochs", "4"], (0.93, 90), False),
+    "high-accuracy-4-epochs": (
+        ["--recipe", "high-accuracy", "--valid-size", "0", "--epochs", "4"],
+        (0.95, 300),
+        True,
+    ),
+}
+NEW_RECIPES = ("fast", "accurate")
 
 
 def hardware() -> str:
@@ -115,6 +133,76 @@ def high_accuracy_rows(data_dir: str, workdir: Path, common: list[str]) -> list[
     return rows
 
 
+def time_to_accuracy_rows(data_dir: str, workdir: Path, common: list[str], seeds, quick):
+    rows = []
+    for name, (options, _, _) in TIME_TO_ACCURACY.items():
+        for seed in seeds if name in NEW_RECIPES else seeds[:1]:
+            extra = ["--epochs", "1"] if quick else []
+            row = run_recipe(
+                f"{name}-seed{seed}", [*options, "--seed", str(seed), *extra, *common],
+                data_dir, workdir,
+            )  # fmt: skip
+            rows.append({**row, "recipe": name, "seed": seed})
+    return rows
+
+
+def headline(rows: list[dict]) -> str:
+    """Per recipe: each seed's test accuracy (with TTA where its flips allow) and training
+    time, their mean, and the target."""
+    lines = ["| recipe | seeds: test accuracy (training time) | mean | target | met |",
+             "| --- | --- | ---: | --- | --- |"]  # fmt: skip
+    for name, (_, (target, seconds), tta) in TIME_TO_ACCURACY.items():
+        runs = [r for r in rows if r["recipe"] == name]
+        if not runs:
+            continue
+        key = "last_tta_test_accuracy" if tta else "last_test_accuracy"
+        accuracies = [r[key] for r in runs]
+        mean = sum(accuracies) / len(accuracies)
+        slowest = max(r["training_seconds"] for r in runs)
+        seeds = ", ".join(
+            f"seed {r['seed']}: {r[key]:.4f} ({r['training_seconds']:.0f} s)" for r in runs
+        )
+        met = "yes" if mean >= target and slowest <= seconds else "no"
+        lines.append(
+            f"| {name}{' (flip TTA)' if tta else ''} | {seeds} | {mean:.4f} | "
+            f">= {target} within {seconds} s | {met} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def draw_curves(rows: list[dict], path: Path) -> None:
+    """Test accuracy after every epoch against training seconds and against epochs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_time, by_epoch) = plt.subplots(1, 2, figsize=(13, 5.2), sharey=True)
+    colours = dict(zip(TIME_TO_ACCURACY, ("C0", "C1", "C7", "C3"), strict=True))
+    for r in rows:
+        epochs, seconds, accuracy = zip(*r["curve"], strict=True)
+        label = f"{r['recipe']} (seed {r['seed']})"
+        style = dict(color=colours[r["recipe"]], marker="o", markersize=3,
+                     linestyle="-" if r["seed"] == rows[0]["seed"] else "--")  # fmt: skip
+        by_time.plot(seconds, accuracy, label=label, **style)
+        by_epoch.plot(epochs, accuracy, label=label, **style)
+    for ax in (by_time, by_epoch):
+        for target in (0.93, 0.95):
+            ax.axhline(target, color="grey", linewidth=0.8, linestyle=":")
+        ax.grid(alpha=0.3)
+        ax.set_ylim(0.85, 0.96)
+    for budget in (90, 300):
+        by_time.axvline(budget, color="grey", linewidth=0.8, linestyle=":")
+    by_time.set_xlabel("training seconds (the run's elapsed: no start-up, no test passes)")
+    by_epoch.set_xlabel("epoch")
+    by_time.set_ylabel("test accuracy after the epoch (no TTA)")
+    by_epoch.legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"Time to accuracy, {rows[0]['hardware']}, {rows[0]['precision']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def markdown(rows: list[dict], with_seed: bool) -> str:
     lines = [
         "| model / recipe | command | hardware | epochs | training | wall | best ckpt | "
@@ -141,12 +229,17 @@ def markdown(rows: list[dict], with_seed: bool) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", required=True)
-    sets = ["seed-table", "high-accuracy", "high-accuracy-cpu", "default-sweep"]
+    sets = ["seed-table", "high-accuracy", "high-accuracy-cpu", "default-sweep", "time-to-accuracy"]
     parser.add_argument("--set", required=True, choices=sets)
     parser.add_argument("--models", default="mlp,cnn,cnn-bn", help="seed-table: which rows")
     parser.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"])
     parser.add_argument("--epochs", default=None, help="high-accuracy-cpu: epochs of the run")
     parser.add_argument("--out", default="benchmarks/out")
+    parser.add_argument("--seeds", default="0,1", help="time-to-accuracy: the new recipes' seeds")
+    parser.add_argument("--png", default="benchmarks/time-to-accuracy.png",
+                        help="time-to-accuracy: where the curves go")  # fmt: skip
+    parser.add_argument("--quick", action="store_true",
+                        help="time-to-accuracy: 1 epoch per run, to check the script")  # fmt: skip
     args = parser.parse_args()
     common = ["--mixed-precision", args.mixed_precision] if args.mixed_precision else []
     with tempfile.TemporaryDirectory() as tmp:
@@ -163,6 +256,11 @@ def main() -> None:
             ]
         elif args.set == "high-accuracy":
             rows = high_accuracy_rows(args.data_dir, workdir, common)
+        elif args.set == "time-to-accuracy":
+            seeds = [int(s) for s in args.seeds.split(",")]
+            rows = time_to_accuracy_rows(args.data_dir, workdir, common, seeds, args.quick)
+            for row in rows:
+                row["precision"] = args.mixed_precision or "fp32"
         else:
             # The 10-minute CPU figure: the recipe with validation kept, as many epochs as fit.
             options = ["--recipe", "high-accuracy", "--epochs", args.epochs or "8", *common]
@@ -171,6 +269,10 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"recipes-{args.set}.json").write_text(json.dumps(rows, indent=2) + "\n")
     table = markdown(rows, with_seed=args.set == "seed-table")
+    if args.set == "time-to-accuracy":
+        table = headline(rows) + "\n" + table
+        draw_curves(rows, Path(args.png))
+        print(f"curves: {args.png}")
     (out / f"recipes-{args.set}.md").write_text(table)
     print("\n" + table)
 
