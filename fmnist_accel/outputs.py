@@ -12,8 +12,11 @@ of writes that a kill interrupted; all writes are atomic (checkpoint.atomic_writ
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,6 +32,7 @@ from .checkpoint import (
 from .config import TrainConfig
 from .engine import EpochProgress
 from .models import count_parameters
+from .tb_hparams import PARTIAL_PREFIX, SUFFIX, entry_events, entry_file_name, run_entry
 from .writes import log_scalars
 
 if TYPE_CHECKING:
@@ -204,3 +208,57 @@ def write_summary(s: Session, status: str, detail: str, epoch: int | None) -> No
     with main_process_writes(s.accelerator):
         if s.accelerator.is_main_process:
             atomic_write_text(s.run_dir / rundir.SUMMARY, json.dumps(summary, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# When the run has ended: what final_test.py and run_end.py measured, written in
+# --------------------------------------------------------------------------------------------
+def write_hparams(s: Session, test_accuracy: float | None) -> None:
+    """The run's HParams entry (tb_hparams.py), once summary.json says how it ended;
+    test_accuracy: measured by the end-of-run figures, for a folder that holds none. An extra
+    of a run that has ended: a failure is one note and changes neither the status nor the
+    exit code, so the other ranks need not learn of it (no collective)."""
+    if not s.accelerator.is_main_process:
+        return
+    try:
+        write_hparams_entry(s.run_dir / rundir.TENSORBOARD, *run_entry(s.run_dir, test_accuracy))
+    except OSError as exc:
+        s.reporter.print(f"note: the HParams entry was not written: {exc.strerror or exc}")
+    except Exception as exc:  # noqa: BLE001 - an extra must not fail an ended run
+        s.reporter.print(f"note: the HParams entry was not written: {type(exc).__name__}: {exc}")
+
+
+def write_hparams_entry(
+    tb_dir: Path, hparams: dict[str, Any], metrics: dict[str, float], status: str, step: int
+) -> Path:
+    """Write a run's HParams entry as a new event file in tb_dir and remove the older ones.
+
+    The file is written under a name TensorBoard ignores and renamed into place: a kill
+    leaves the old entry or the new one, never a torn one (at worst both, and TensorBoard
+    shows the older until the next write removes it). Not checkpoint.atomic_write: its
+    temporary name would keep "tfevents", and TensorBoard would read the torn file."""
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    tb_dir = Path(tb_dir)
+    tb_dir.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    name = entry_file_name(now)
+    events = entry_events(hparams, metrics, status, step, now)
+    fd, tmp = tempfile.mkstemp(dir=tb_dir, prefix=PARTIAL_PREFIX, suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            writer = RecordWriter(f)
+            for event in events:
+                writer.write(event.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, tb_dir / name)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    for old in tb_dir.iterdir():
+        is_old_entry = old.name.endswith(SUFFIX) and old.name != name
+        if is_old_entry or old.name.startswith(PARTIAL_PREFIX):
+            old.unlink(missing_ok=True)
+    return tb_dir / name

@@ -1,7 +1,8 @@
 """What a training run leaves in its TensorBoard when it ends: the figures of its best
-checkpoint (Images tab) and its entry in the HParams dashboard.
+checkpoint (Images tab). Its entry in the HParams dashboard is built by tb_hparams.py and
+written by outputs.write_hparams, with the test accuracy measured here.
 
-    record_run_end(accelerator, run_dir, status, say)   # every rank, after summary.json
+    test_accuracy = record_run_end(accelerator, run_dir, status, say)   # every rank
 
 The figures come from the exact multi-process evaluation (every rank evaluates its shard of
 the split; the confusion counts are summed and the most confident mistakes gathered) and
@@ -18,28 +19,23 @@ from pathlib import Path
 from .data import Split, load_split
 from .errors import UserError
 from .runinfo import read_metrics
-from .tb_hparams import write_run_hparams
 
 FIGURE_STATUSES = ("completed", "early-stopped")  # a preempted run draws when it ends later
 FIGURE_TAG = "Figures/{split}/{name}"
 
 
-def record_run_end(accelerator, run_dir: Path, status: str, say: Callable[[str], None]) -> None:
+def record_run_end(
+    accelerator, run_dir: Path, status: str, say: Callable[[str], None]
+) -> float | None:
     """Collective: every rank calls it once the run has ended and summary.json is written
     (and with it any final test result). Writes the TensorBoard images of the best
     checkpoint (the last one when the run had no validation) on the test split, or on the
-    validation split when the test files cannot be had; then the HParams entry."""
+    validation split when the test files cannot be had; returns the test accuracy measured
+    for them, for the HParams entry."""
     run_dir = Path(run_dir)
-    test_accuracy = None
     if status in FIGURE_STATUSES:
-        test_accuracy = log_checkpoint_figures(accelerator, run_dir, say)
-    if accelerator.is_main_process:
-        try:
-            write_run_hparams(run_dir, test_accuracy)
-        except OSError as exc:
-            say(f"note: the HParams entry was not written: {exc.strerror or exc}")
-        except Exception as exc:  # noqa: BLE001 - an extra must not fail an ended run
-            say(f"note: the HParams entry was not written: {type(exc).__name__}: {exc}")
+        return log_checkpoint_figures(accelerator, run_dir, say)
+    return None
 
 
 def log_checkpoint_figures(accelerator, run_dir: Path, say) -> float | None:

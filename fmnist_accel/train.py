@@ -125,7 +125,8 @@ def run_training(accelerator, explicit: dict[str, Any]) -> int:
     test_line = None
     if end.exit_code == EXIT_OK and cfg.final_test:  # adds final_test to summary.json
         test_line = run_final_test(accelerator, s.run_dir, cfg.data_dir, cfg.eval_batch_size)
-    record_run_end(s.accelerator, s.run_dir, end.status, reporter.print)  # figures, HParams
+    test_accuracy = record_run_end(s.accelerator, s.run_dir, end.status, reporter.print)
+    outputs.write_hparams(s, test_accuracy)  # the run's entry in TensorBoard's HParams
     if end.exit_code == EXIT_DIVERGED:
         raise TrainingDiverged(end.detail)  # one line on stderr, exit code 3
     if end.detail:
