@@ -213,6 +213,19 @@ def write_summary(s: Session, status: str, detail: str, epoch: int | None) -> No
 # --------------------------------------------------------------------------------------------
 # When the run has ended: what final_test.py and run_end.py measured, written in
 # --------------------------------------------------------------------------------------------
+def add_final_test(s: Session, record: dict | None) -> None:
+    """summary.json gains `final_test`, the record final_test.py measured (None: the run
+    wrote no checkpoint to test). Collective: every rank learns if the write failed."""
+    if record is None:
+        return
+    with main_process_writes(s.accelerator):
+        if s.accelerator.is_main_process:
+            summary_path = s.run_dir / rundir.SUMMARY
+            summary = rundir.read_json(summary_path) or {}
+            summary["final_test"] = record
+            atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
+
+
 def write_hparams(s: Session, test_accuracy: float | None) -> None:
     """The run's HParams entry (tb_hparams.py), once summary.json says how it ended;
     test_accuracy: measured by the end-of-run figures, for a folder that holds none. An extra

@@ -47,7 +47,7 @@ from .errors import (
     UserError,
     WriteFailed,
 )
-from .final_test import run_final_test
+from .final_test import final_test_line, run_final_test
 from .hardware import describe, end_accelerator, thread_note
 from .models import count_parameters
 from .preemption import StopRequest
@@ -123,8 +123,10 @@ def run_training(accelerator, explicit: dict[str, Any]) -> int:
         stop_request.uninstall()
     outputs.write_summary(s, end.status, end.detail, end.epoch)
     test_line = None
-    if end.exit_code == EXIT_OK and cfg.final_test:  # adds final_test to summary.json
-        test_line = run_final_test(accelerator, s.run_dir, cfg.data_dir, cfg.eval_batch_size)
+    if end.exit_code == EXIT_OK and cfg.final_test:
+        tested = run_final_test(accelerator, s.run_dir, cfg.data_dir, cfg.eval_batch_size)
+        outputs.add_final_test(s, tested)  # summary.json's final_test
+        test_line = final_test_line(tested)
     test_accuracy = record_run_end(s.accelerator, s.run_dir, end.status, reporter.print)
     outputs.write_hparams(s, test_accuracy)  # the run's entry in TensorBoard's HParams
     if end.exit_code == EXIT_DIVERGED:
