@@ -32,11 +32,14 @@ from .checkpoint import (
 from .config import TrainConfig
 from .engine import EpochProgress
 from .models import count_parameters
+from .run_end import tensorboard_images
+from .runinfo import read_metrics
 from .tb_hparams import PARTIAL_PREFIX, SUFFIX, entry_events, entry_file_name, run_entry
 from .writes import log_scalars
 
 if TYPE_CHECKING:
     from .resume_policy import RunPlan
+    from .run_end import EndFigures
     from .session import Session
 
 
@@ -224,6 +227,25 @@ def add_final_test(s: Session, record: dict | None) -> None:
             summary = rundir.read_json(summary_path) or {}
             summary["final_test"] = record
             atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
+
+
+def log_figures(s: Session, figures: EndFigures | None) -> None:
+    """The end-of-run figures (run_end.py) in the run's TensorBoard, Images tab, at the step of
+    the last finished epoch (a resume never purges it). Main process: it draws them too. An
+    extra of a run that has ended: a failure is one note, so no collective."""
+    if figures is None or not s.accelerator.is_main_process:
+        return
+    try:
+        records, _ = read_metrics(s.run_dir)
+        step = max((r["epoch"] for r in records), default=0)
+        writer = s.accelerator.get_tracker("tensorboard", unwrap=True)
+        for tag, pixels in tensorboard_images(figures):
+            writer.add_image(tag, pixels, step, dataformats="HWC")
+        writer.flush()
+        where = f"{figures.checkpoint.name} on the {figures.split_name} split"
+        s.reporter.print(f"figures of {where}: TensorBoard, Images")
+    except Exception as exc:  # noqa: BLE001 - an extra must not fail an ended run
+        s.reporter.print(f"note: no figures in TensorBoard: {type(exc).__name__}: {exc}")
 
 
 def write_hparams(s: Session, test_accuracy: float | None) -> None:

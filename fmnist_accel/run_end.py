@@ -1,52 +1,67 @@
-"""What a training run leaves in its TensorBoard when it ends: the figures of its best
-checkpoint (Images tab). Its entry in the HParams dashboard is built by tb_hparams.py and
-written by outputs.write_hparams, with the test accuracy measured here.
+"""The figures a training run ends with, for TensorBoard's Images tab: its best checkpoint
+(the last one when the run had no validation) evaluated on the test split, or on the
+validation split when the test files cannot be had.
 
-    test_accuracy = record_run_end(accelerator, run_dir, status, say)   # every rank
+    figures = end_figures(accelerator, run_dir, status, say)   # every rank, after summary.json
+    outputs.log_figures(s, figures)                             # the main process draws, writes
+    outputs.write_hparams(s, figures.test_accuracy if figures else None)
 
 The figures come from the exact multi-process evaluation (every rank evaluates its shard of
-the split; the confusion counts are summed and the most confident mistakes gathered) and
-only the main process draws and writes. Both are extras of a run that has already ended:
-a problem here (no test files and no network, a full disk) is said in one note and never
-changes how the run ended or its exit code.
+the split; the confusion counts are summed and the most confident mistakes gathered); only
+the main process draws them (tensorboard_images), inside outputs.log_figures. Both are
+extras of a run that has already ended: a problem here (no test files and no network, a
+full disk) is said in one note and never changes how the run ended or its exit code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .data import Split, load_split
 from .errors import UserError
-from .runinfo import read_metrics
 
 FIGURE_STATUSES = ("completed", "early-stopped")  # a preempted run draws when it ends later
 FIGURE_TAG = "Figures/{split}/{name}"
 
 
-def record_run_end(
+@dataclass
+class EndFigures:
+    """What the figures show, the same on every rank; only the main process draws them."""
+
+    checkpoint: Path
+    meta: dict  # the checkpoint's metadata
+    split_name: str  # "test" or "valid"
+    split: Split
+    result: Any  # engine.EvalResult over the whole split
+    mistakes: list  # mistakes.Mistake, the most confident of all ranks
+    processes: int
+
+    @property
+    def test_accuracy(self) -> float | None:
+        """The checkpoint's test accuracy when the figures measured it (for HParams)."""
+        return self.result.accuracy if self.split_name == "test" else None
+
+
+def end_figures(
     accelerator, run_dir: Path, status: str, say: Callable[[str], None]
-) -> float | None:
-    """Collective: every rank calls it once the run has ended and summary.json is written
-    (and with it any final test result). Writes the TensorBoard images of the best
-    checkpoint (the last one when the run had no validation) on the test split, or on the
-    validation split when the test files cannot be had; returns the test accuracy measured
-    for them, for the HParams entry."""
-    run_dir = Path(run_dir)
-    if status in FIGURE_STATUSES:
-        return log_checkpoint_figures(accelerator, run_dir, say)
-    return None
+) -> EndFigures | None:
+    """Collective: every rank calls it once the run has ended and summary.json is written.
+    None (after a note when something is missing) when there is nothing to draw."""
+    if status not in FIGURE_STATUSES:
+        return None
+    return evaluate_for_figures(accelerator, Path(run_dir), say)
 
 
-def log_checkpoint_figures(accelerator, run_dir: Path, say) -> float | None:
-    """Collective. The figures of the run's best (else last) checkpoint, into the run's
-    TensorBoard; returns the checkpoint's test accuracy when it was measured here."""
+def evaluate_for_figures(accelerator, run_dir: Path, say) -> EndFigures | None:
+    """Collective. The evaluation of the run's best (else last) checkpoint for its figures."""
     import torch
     from accelerate.utils import gather_object
 
     from .device_data import EvalSet
     from .engine import evaluate
-    from .evaluate import eval_report
     from .figures import MISTAKES_SHOWN
     from .mistakes import most_confident_mistakes
 
@@ -76,14 +91,7 @@ def log_checkpoint_figures(accelerator, run_dir: Path, say) -> float | None:
     eval_set = EvalSet(split, accelerator.device, world, rank, channels_last)
     result = evaluate(model, eval_set, accelerator, batch_size)
     mistakes = most_confident_mistakes(model, eval_set, accelerator, batch_size, MISTAKES_SHOWN)
-    if accelerator.is_main_process:
-        try:
-            report = eval_report(result, str(checkpoint), meta, False, world, split_name)
-            draw_into_tensorboard(accelerator, run_dir, report, mistakes, split)
-            say(f"figures of {checkpoint.name} on the {split_name} split: TensorBoard, Images")
-        except Exception as exc:  # noqa: BLE001 - an extra must not fail an ended run
-            say(f"note: no figures in TensorBoard: {type(exc).__name__}: {exc}")
-    return result.accuracy if split_name == "test" else None
+    return EndFigures(checkpoint, meta, split_name, split, result, mistakes, world)
 
 
 def figure_split(accelerator, checkpoint: Path | None, say) -> tuple[str, str | None]:
@@ -126,16 +134,17 @@ def load_for_figures(checkpoint: Path, split_name: str):
     return model, meta, eval_split(data_dir, split_name, config, allow_download=False)
 
 
-def draw_into_tensorboard(accelerator, run_dir, report: dict, mistakes, split: Split) -> None:
-    """Main process: draw the eval figures and add them as images of the run's writer."""
+def tensorboard_images(figures: EndFigures) -> Iterator[tuple[str, Any]]:
+    """Main process: (TensorBoard tag, RGB pixels) of each eval figure, drawn one at a time
+    as the writer takes it."""
+    from .evaluate import eval_report
     from .figures import eval_figures, rgb_pixels
     from .mistakes import attach_images
 
-    attach_images(mistakes, split.images)
-    records, _ = read_metrics(run_dir)
-    step = max((r["epoch"] for r in records), default=0)  # a resume never purges it
-    writer = accelerator.get_tracker("tensorboard", unwrap=True)
-    for name, figure in eval_figures(report, mistakes).items():
-        tag = FIGURE_TAG.format(split=report["split"], name=name)
-        writer.add_image(tag, rgb_pixels(figure), step, dataformats="HWC")
-    writer.flush()
+    checkpoint = str(figures.checkpoint)
+    report = eval_report(
+        figures.result, checkpoint, figures.meta, False, figures.processes, figures.split_name
+    )
+    attach_images(figures.mistakes, figures.split.images)
+    for name, figure in eval_figures(report, figures.mistakes).items():
+        yield FIGURE_TAG.format(split=report["split"], name=name), rgb_pixels(figure)

@@ -52,7 +52,7 @@ from .hardware import describe, end_accelerator, thread_note
 from .models import count_parameters
 from .preemption import StopRequest
 from .resume_policy import settle_config, share_plan
-from .run_end import record_run_end
+from .run_end import end_figures
 from .session import Session, build_session, compiles, make_training_accelerator
 
 
@@ -127,8 +127,9 @@ def run_training(accelerator, explicit: dict[str, Any]) -> int:
         tested = run_final_test(accelerator, s.run_dir, cfg.data_dir, cfg.eval_batch_size)
         outputs.add_final_test(s, tested)  # summary.json's final_test
         test_line = final_test_line(tested)
-    test_accuracy = record_run_end(s.accelerator, s.run_dir, end.status, reporter.print)
-    outputs.write_hparams(s, test_accuracy)  # the run's entry in TensorBoard's HParams
+    figures = end_figures(accelerator, s.run_dir, end.status, reporter.print)  # every rank
+    outputs.log_figures(s, figures)  # TensorBoard's Images
+    outputs.write_hparams(s, figures.test_accuracy if figures else None)  # and its HParams
     if end.exit_code == EXIT_DIVERGED:
         raise TrainingDiverged(end.detail)  # one line on stderr, exit code 3
     if end.detail:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -147,6 +148,62 @@ def test_save_figures_into_a_file_is_refused(weak_run, tmp_path):
     )
     assert_one_line_error(result, f"--save-figures {target} is a file")
     assert target.read_text() == "keep me"
+
+
+class FakeWriter:
+    """The TensorBoard writer's two calls that log_figures makes; `fail`: a full disk."""
+
+    def __init__(self, fail: bool = False):
+        self.images, self.fail = [], fail
+
+    def add_image(self, tag, pixels, step, dataformats):
+        if self.fail:
+            raise OSError(28, "No space left on device")
+        self.images.append((tag, pixels.shape, step, dataformats))
+
+    def flush(self):
+        pass
+
+
+def test_end_figures_are_drawn_and_written_by_the_main_process_alone(tmp_path):
+    """outputs.log_figures: the three figures at the last epoch's step and one line; nothing
+    on another rank; a writer that fails is one note, never an error of the ended run."""
+    import torch
+
+    from fmnist_accel import outputs
+    from fmnist_accel.data import Split
+    from fmnist_accel.engine import EvalResult
+    from fmnist_accel.mistakes import Mistake
+    from fmnist_accel.run_end import EndFigures
+
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')
+    counts = [[20 if i == j else 1 for j in range(10)] for i in range(10)]
+    n = sum(map(sum, counts))
+    result = EvalResult(loss=0.5, accuracy=200 / n, num_samples=n, confusion=counts)
+    split = Split(torch.zeros(n, 28, 28, dtype=torch.uint8), torch.zeros(n, dtype=torch.int64))
+    mistakes = [Mistake(index=3, true=0, predicted=1, confidence=0.9)]
+    meta = {"model": "mlp", "epoch": 2}
+    figures = EndFigures(tmp_path / "best.safetensors", meta, "test", split, result, mistakes, 1)
+    said = []
+
+    def session(writer, main=True):
+        accelerator = SimpleNamespace(is_main_process=main, get_tracker=lambda name, unwrap: writer)
+        reporter = SimpleNamespace(print=said.append)
+        return SimpleNamespace(accelerator=accelerator, run_dir=tmp_path, reporter=reporter)
+
+    writer = FakeWriter()
+    outputs.log_figures(session(writer, main=False), figures)
+    outputs.log_figures(session(writer), None)  # nothing to draw: the note was said before
+    assert writer.images == [] and said == []
+    outputs.log_figures(session(writer), figures)
+    assert writer.images == [
+        (f"Figures/test/{name}", (*reversed(expected_size(name)), 3), 2, "HWC")
+        for name in FIGURE_NAMES
+    ]
+    assert said == ["figures of best.safetensors on the test split: TensorBoard, Images"]
+    said.clear()
+    outputs.log_figures(session(FakeWriter(fail=True)), figures)
+    assert said == ["note: no figures in TensorBoard: OSError: [Errno 28] No space left on device"]
 
 
 def test_training_logs_the_figures_of_its_best_checkpoint_to_tensorboard(weak_run, tmp_path):
