@@ -4,6 +4,8 @@ It is measured after the run's last decision, on the checkpoint file the run wro
 same exact multi-process evaluation as `fmnist-accel eval` (each rank its own shard of the
 test set, one all-reduce), so `eval best` of the run prints the same figures. Nothing chooses
 or stops by it. Every rank evaluates; outputs.add_final_test writes it into summary.json.
+The evaluation is kept for the run's figures (run_end.end_figures), which then need no
+second one.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from pathlib import Path
 
 from . import rundir
 from .data import load_split
+from .engine import evaluate
 from .errors import UserError
-from .evaluate import checkpoint_metrics
+from .evaluate import EvaluatedCheckpoint, on_device
 from .trained_model import model_from_checkpoint
 
 
@@ -26,9 +29,11 @@ def checkpoint_to_test(run_dir: Path) -> Path | None:
     return None
 
 
-def run_final_test(accelerator, run_dir: Path, data_dir: str, batch_size: int) -> dict | None:
-    """Collective: every rank must call it. Returns summary.json's `final_test`, or None when
-    the run wrote no checkpoint."""
+def run_final_test(
+    accelerator, run_dir: Path, data_dir: str, batch_size: int
+) -> EvaluatedCheckpoint | None:
+    """Collective: every rank must call it. The checkpoint evaluated on the test split, or
+    None when the run wrote no checkpoint."""
     from accelerate.utils import gather_object
 
     accelerator.wait_for_everyone()  # the main process has written the checkpoints
@@ -43,19 +48,29 @@ def run_final_test(accelerator, run_dir: Path, data_dir: str, batch_size: int) -
     errors = [e for e in gather_object([error]) if e]
     if errors:
         raise UserError(errors[0])
-    result = checkpoint_metrics(accelerator, model, images, batch_size)
-    record = {
-        "checkpoint": path.name,
-        "epoch": meta.get("epoch"),
-        "accuracy": result.accuracy,
-        "loss": result.loss,
-        "num_samples": result.num_samples,
+    channels_last = True  # as `eval` evaluates: the same figures to the last bit
+    model, eval_set = on_device(accelerator, model, images, channels_last)
+    result = evaluate(model, eval_set, accelerator, batch_size)
+    return EvaluatedCheckpoint(
+        path, meta, "test", images, data_dir, batch_size, channels_last, model, eval_set, result
+    )
+
+
+def final_test_record(tested: EvaluatedCheckpoint | None) -> dict | None:
+    """summary.json's `final_test` (None: no checkpoint was tested)."""
+    if tested is None:
+        return None
+    return {
+        "checkpoint": tested.path.name,
+        "epoch": tested.meta.get("epoch"),
+        "accuracy": tested.result.accuracy,
+        "loss": tested.result.loss,
+        "num_samples": tested.result.num_samples,
     }
-    return record
 
 
 def final_test_line(record: dict | None) -> str:
-    """What the user is shown of run_final_test's result."""
+    """What the user is shown of final_test_record."""
     if record is None:
         return "test: no checkpoint was written, nothing to test"
     return (

@@ -230,6 +230,55 @@ def test_training_logs_the_figures_of_its_best_checkpoint_to_tensorboard(weak_ru
     assert (from_tensorboard[..., :3] == from_eval).all()
 
 
+def test_the_final_tests_evaluation_serves_the_figures_only_when_they_would_make_it():
+    from fmnist_accel.run_end import evaluates_as_figures
+
+    def final_test(split_name="test", data_dir="/d", batch_size=512, **config):
+        """An evaluation made with these settings, of a checkpoint whose config says config."""
+        config = {"data_dir": "/d", "eval_batch_size": 512, "channels_last": True, **config}
+        return SimpleNamespace(
+            meta={"config": config}, split_name=split_name, data_dir=data_dir,
+            batch_size=batch_size, channels_last=True,
+        )  # fmt: skip
+
+    assert evaluates_as_figures(final_test())
+    assert not evaluates_as_figures(final_test(split_name="valid"))
+    # A resumed run may read another folder or use another batch size than its checkpoint's.
+    assert not evaluates_as_figures(final_test(data_dir="/moved"))
+    assert not evaluates_as_figures(final_test(eval_batch_size=1024))
+    # The final test evaluates channels_last, as eval does; the figures as the run trained.
+    assert not evaluates_as_figures(final_test(channels_last=False))
+
+
+def test_figures_without_a_final_test_to_reuse_are_the_same(weak_run, readonly_data, tmp_path):
+    """weak_run's figures reuse its final test's evaluation; with --no-final-test the same
+    run evaluates for its figures alone: the same images."""
+    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
+
+    args = [*TINY_RUN_ARGS, "--epochs", "1", "--lr", "1e-6", "--run-name", "weak"]
+    result = run_command(
+        [CLI, "train", *args, "--no-final-test", "--data-dir", readonly_data.path,
+         "--output-dir", tmp_path],
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.rc == 0, str(result)
+    assert "figures of best.safetensors on the test split: TensorBoard, Images" in result.stdout
+    logged = []
+    for run in (weak_run, tmp_path / "weak"):
+        events = EventAccumulator(str(run / "tensorboard"), size_guidance={IMAGES: 0})
+        events.Reload()
+        logged.append(
+            {
+                name: np.asarray(Image.open(io.BytesIO(image.encoded_image_string)))
+                for name in FIGURE_NAMES
+                for image in events.Images(f"Figures/test/{name}")
+            }
+        )
+    assert logged[0].keys() == logged[1].keys() == set(FIGURE_NAMES)
+    for name in FIGURE_NAMES:
+        assert (logged[0][name] == logged[1][name]).all(), name
+
+
 @pytest.mark.slow
 def test_two_process_training_logs_the_figures_of_the_exact_evaluation(readonly_data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
