@@ -1,12 +1,17 @@
 """Everything a training run writes into its folder (the names are in rundir.py):
 config.json, metrics.jsonl and TensorBoard, last/best.safetensors and their repair after a
-kill, resume.pt, summary.json.
+kill, resume.pt, summary.json; once the run has ended, what final_test.py and run_end.py
+measured: summary.json's final_test, the figures in TensorBoard and the HParams entry
+(built by tb_hparams.py).
 
 Only the main process writes: every write of a run is in this module, behind
 `is_main_process`. The functions are called on every rank, because some of them first gather
 what each rank holds (a collective that must not sit inside a main-process branch). Before
 training, resume_policy has created and locked the folder and removed the temporary files
-of writes that a kill interrupted; all writes are atomic (checkpoint.atomic_write).
+of writes that a kill interrupted; all writes are atomic (checkpoint.atomic_write; the
+HParams entry by a rename of its own). A failed write stops the run with WriteFailed on
+every rank (agreement.main_process_writes), except the figures and the HParams entry:
+extras of a run that has ended, whose failure is a note.
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ def start_outputs(s: Session, state: dict | None) -> None:
     accelerator.init_trackers(
         rundir.TENSORBOARD,
         # No config=: accelerate would add_hparams into a new timestamped sub-run per start;
-        # run_end.record_run_end writes the run's one HParams entry when it ends.
+        # write_hparams writes the run's one HParams entry when it ends.
         # Events of epochs after the resume point are dropped: they will be written again.
         init_kwargs={"tensorboard": {"purge_step": s.start_epoch + 1}},
     )
