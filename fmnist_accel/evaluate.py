@@ -8,7 +8,6 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from rich.console import Console
@@ -141,7 +140,7 @@ class EvaluatedCheckpoint:
     data_dir: str  # where the split was read
     batch_size: int
     channels_last: bool
-    model: Any  # on this rank's device, in eval mode
+    model: torch.nn.Module  # on this rank's device, in eval mode
     eval_set: EvalSet  # this rank's shard
     result: EvalResult  # over the whole split
 

@@ -26,7 +26,9 @@ from .data import Split, load_split
 from .errors import UserError
 
 if TYPE_CHECKING:
+    from .engine import EvalResult
     from .evaluate import EvaluatedCheckpoint
+    from .mistakes import Mistake
 
 FIGURE_STATUSES = ("completed", "early-stopped")  # a preempted run draws when it ends later
 FIGURE_TAG = "Figures/{split}/{name}"
@@ -40,8 +42,8 @@ class EndFigures:
     meta: dict  # the checkpoint's metadata
     split_name: str  # "test" or "valid"
     split: Split
-    result: Any  # engine.EvalResult over the whole split
-    mistakes: list  # mistakes.Mistake, the most confident of all ranks
+    result: EvalResult  # over the whole split
+    mistakes: list[Mistake]  # the most confident of all ranks
     processes: int
 
     @property
