@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -108,10 +109,10 @@ def eval_split(data_dir: str, split: str, config: dict, allow_download: bool = T
     return valid
 
 
-def on_device(accelerator, model, images: Split):
+def on_device(accelerator, model, images: Split, channels_last: bool = True):
     """(model, EvalSet): the model moved to this rank's device, and this rank's shard of the
-    images there."""
-    channels_last = True  # faster convolutions on GPUs and on oneDNN CPUs alike
+    images there. channels_last, as `eval` always has it: faster convolutions on GPUs and on
+    oneDNN CPUs alike."""
     eval_set = EvalSet(
         images,
         accelerator.device,
@@ -125,13 +126,23 @@ def on_device(accelerator, model, images: Split):
     return model, eval_set
 
 
-def checkpoint_metrics(
-    accelerator, model, images: Split, batch_size: int, tta: bool = False
-) -> EvalResult:
-    """Exact loss, accuracy and confusion matrix of `model` on `images`: each rank evaluates
-    its own shard and one all-reduce adds them up (the same figures on 1 or N processes)."""
-    model, eval_set = on_device(accelerator, model, images)
-    return evaluate(model, eval_set, accelerator, batch_size, tta=tta)
+@dataclass
+class EvaluatedCheckpoint:
+    """A checkpoint's exact loss, accuracy and confusion matrix on a whole split (each rank
+    evaluates its own shard, one all-reduce adds them up: the same figures on 1 or N
+    processes), with what evaluated it on this rank. The end of a training run evaluates its
+    checkpoint once for the final test and the figures alike (run_end.end_figures)."""
+
+    path: Path
+    meta: dict  # the checkpoint's metadata
+    split_name: str  # "test" or "valid"
+    split: Split
+    data_dir: str  # where the split was read
+    batch_size: int
+    channels_last: bool
+    model: torch.nn.Module  # on this rank's device, in eval mode
+    eval_set: EvalSet  # this rank's shard
+    result: EvalResult  # over the whole split
 
 
 def evaluate_and_report(

@@ -1,19 +1,27 @@
 """Everything a training run writes into its folder (the names are in rundir.py):
 config.json, metrics.jsonl and TensorBoard, last/best.safetensors and their repair after a
-kill, resume.pt, summary.json.
+kill, resume.pt, summary.json; once the run has ended, what final_test.py and run_end.py
+measured: summary.json's final_test, the figures in TensorBoard and the HParams entry
+(built by tb_hparams.py).
 
 Only the main process writes: every write of a run is in this module, behind
 `is_main_process`. The functions are called on every rank, because some of them first gather
 what each rank holds (a collective that must not sit inside a main-process branch). Before
 training, resume_policy has created and locked the folder and removed the temporary files
-of writes that a kill interrupted; all writes are atomic (checkpoint.atomic_write).
+of writes that a kill interrupted; all writes are atomic (checkpoint.atomic_write; the
+HParams entry by a rename of its own). A failed write stops the run with WriteFailed on
+every rank (agreement.main_process_writes), except the figures and the HParams entry:
+extras of a run that has ended, whose failure is a note.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,10 +37,14 @@ from .checkpoint import (
 from .config import TrainConfig
 from .engine import EpochProgress
 from .models import count_parameters
+from .run_end import tensorboard_images
+from .runinfo import read_metrics
+from .tb_hparams import PARTIAL_PREFIX, SUFFIX, entry_events, entry_file_name, run_entry
 from .writes import log_scalars
 
 if TYPE_CHECKING:
     from .resume_policy import RunPlan
+    from .run_end import EndFigures
     from .session import Session
 
 
@@ -59,7 +71,7 @@ def start_outputs(s: Session, state: dict | None) -> None:
     accelerator.init_trackers(
         rundir.TENSORBOARD,
         # No config=: accelerate would add_hparams into a new timestamped sub-run per start;
-        # run_end.record_run_end writes the run's one HParams entry when it ends.
+        # write_hparams writes the run's one HParams entry when it ends.
         # Events of epochs after the resume point are dropped: they will be written again.
         init_kwargs={"tensorboard": {"purge_step": s.start_epoch + 1}},
     )
@@ -204,3 +216,89 @@ def write_summary(s: Session, status: str, detail: str, epoch: int | None) -> No
     with main_process_writes(s.accelerator):
         if s.accelerator.is_main_process:
             atomic_write_text(s.run_dir / rundir.SUMMARY, json.dumps(summary, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# When the run has ended: what final_test.py and run_end.py measured, written in
+# --------------------------------------------------------------------------------------------
+def add_final_test(s: Session, record: dict | None) -> None:
+    """summary.json gains `final_test`, the record final_test.py measured (None: the run
+    wrote no checkpoint to test). Collective: every rank learns if the write failed."""
+    if record is None:
+        return
+    with main_process_writes(s.accelerator):
+        if s.accelerator.is_main_process:
+            summary_path = s.run_dir / rundir.SUMMARY
+            summary = rundir.read_json(summary_path) or {}
+            summary["final_test"] = record
+            atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
+
+
+def log_figures(s: Session, figures: EndFigures | None) -> None:
+    """The end-of-run figures (run_end.py) in the run's TensorBoard, Images tab, at the step of
+    the last finished epoch (a resume never purges it). Main process: it draws them too. An
+    extra of a run that has ended: a failure is one note, so no collective."""
+    if figures is None or not s.accelerator.is_main_process:
+        return
+    try:
+        records, _ = read_metrics(s.run_dir)
+        step = max((r["epoch"] for r in records), default=0)
+        writer = s.accelerator.get_tracker("tensorboard", unwrap=True)
+        for tag, pixels in tensorboard_images(figures):
+            writer.add_image(tag, pixels, step, dataformats="HWC")
+        writer.flush()
+        where = f"{figures.checkpoint.name} on the {figures.split_name} split"
+        s.reporter.print(f"figures of {where}: TensorBoard, Images")
+    except Exception as exc:  # noqa: BLE001 - an extra must not fail an ended run
+        s.reporter.print(f"note: no figures in TensorBoard: {type(exc).__name__}: {exc}")
+
+
+def write_hparams(s: Session, test_accuracy: float | None) -> None:
+    """The run's HParams entry (tb_hparams.py), once summary.json says how it ended;
+    test_accuracy: measured by the end-of-run figures, for a folder that holds none. An extra
+    of a run that has ended: a failure is one note and changes neither the status nor the
+    exit code, so the other ranks need not learn of it (no collective)."""
+    if not s.accelerator.is_main_process:
+        return
+    try:
+        write_hparams_entry(s.run_dir / rundir.TENSORBOARD, *run_entry(s.run_dir, test_accuracy))
+    except OSError as exc:
+        s.reporter.print(f"note: the HParams entry was not written: {exc.strerror or exc}")
+    except Exception as exc:  # noqa: BLE001 - an extra must not fail an ended run
+        s.reporter.print(f"note: the HParams entry was not written: {type(exc).__name__}: {exc}")
+
+
+def write_hparams_entry(
+    tb_dir: Path, hparams: dict[str, Any], metrics: dict[str, float], status: str, step: int
+) -> Path:
+    """Write a run's HParams entry as a new event file in tb_dir and remove the older ones.
+
+    The file is written under a name TensorBoard ignores and renamed into place: a kill
+    leaves the old entry or the new one, never a torn one (at worst both, and TensorBoard
+    shows the older until the next write removes it). Not checkpoint.atomic_write: its
+    temporary name would keep "tfevents", and TensorBoard would read the torn file."""
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    tb_dir = Path(tb_dir)
+    tb_dir.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    name = entry_file_name(now)
+    events = entry_events(hparams, metrics, status, step, now)
+    fd, tmp = tempfile.mkstemp(dir=tb_dir, prefix=PARTIAL_PREFIX, suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            writer = RecordWriter(f)
+            for event in events:
+                writer.write(event.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, tb_dir / name)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    for old in tb_dir.iterdir():
+        is_old_entry = old.name.endswith(SUFFIX) and old.name != name
+        if is_old_entry or old.name.startswith(PARTIAL_PREFIX):
+            old.unlink(missing_ok=True)
+    return tb_dir / name

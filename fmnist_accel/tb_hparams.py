@@ -15,18 +15,19 @@ the entry goes into the run's own tensorboard/ folder instead, in one event file
 No Experiment summary is written: TensorBoard then builds the table's columns from the union
 of every run's options (those that differ between runs first) instead of from whichever
 run's Experiment it finds first.
+
+This module builds the entry (run_entry, entry_events); outputs.py writes its file, as it
+writes every file of a run.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-import tempfile
-import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from .runinfo import TENSORBOARD, RunInfo, number, read_run
+from .runinfo import RunInfo, number, read_run
 
 SUFFIX = ".hparams"
 PARTIAL_PREFIX = ".hparams-"  # an entry being written: no "tfevents" in it, TensorBoard skips it
@@ -64,45 +65,24 @@ def metrics_of(info: RunInfo, test_accuracy: float | None = None) -> dict[str, f
     return {METRIC_PREFIX + k: float(v) for k, v in values.items() if number(v) is not None}
 
 
-def write_hparams_entry(
-    tb_dir: Path, hparams: dict[str, Any], metrics: dict[str, float], status: str, step: int
-) -> Path:
-    """Write the run's entry as a new event file in tb_dir and remove the older ones.
+def entry_file_name(now: float) -> str:
+    """The entry's event file: a name TensorBoard reads (it has "tfevents" in it), made
+    unique by the time, host and process, and ending in SUFFIX so that it can be found."""
+    return f"events.out.tfevents.{int(now):010d}.{socket.gethostname()}.{os.getpid()}{SUFFIX}"
 
-    The file is written under a name TensorBoard ignores and renamed into place: a kill
-    leaves the old entry or the new one, never a torn one (at worst both, and TensorBoard
-    shows the older until the next write removes it)."""
+
+def entry_events(
+    hparams: dict[str, Any], metrics: dict[str, float], status: str, step: int, now: float
+) -> list:
+    """The entry's events, in the order its event file holds them (outputs.py writes it)."""
     from tensorboard.compat.proto.event_pb2 import Event
-    from tensorboard.summary.writer.record_writer import RecordWriter
 
-    tb_dir = Path(tb_dir)
-    tb_dir.mkdir(parents=True, exist_ok=True)
-    now = time.time()
-    name = f"events.out.tfevents.{int(now):010d}.{socket.gethostname()}.{os.getpid()}{SUFFIX}"
-    events = [
+    return [
         Event(wall_time=now, file_version="brain.Event:2"),
         Event(wall_time=now, step=step, summary=session_start(hparams, now)),
         *(Event(wall_time=now, step=step, summary=scalar(k, v)) for k, v in metrics.items()),
         Event(wall_time=now, step=step, summary=session_end(status, now)),
     ]
-    fd, tmp = tempfile.mkstemp(dir=tb_dir, prefix=PARTIAL_PREFIX, suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            writer = RecordWriter(f)
-            for event in events:
-                writer.write(event.SerializeToString())
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, tb_dir / name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    for old in tb_dir.iterdir():
-        is_old_entry = old.name.endswith(SUFFIX) and old.name != name
-        if is_old_entry or old.name.startswith(PARTIAL_PREFIX):
-            old.unlink(missing_ok=True)
-    return tb_dir / name
 
 
 def plugin_summary(tag: str, data):
@@ -152,14 +132,17 @@ def scalar(tag: str, value: float):
     return Summary(value=[Summary.Value(tag=tag, simple_value=value)])
 
 
-def write_run_hparams(run_dir: Path, test_accuracy: float | None = None) -> Path:
-    """The entry of the run in run_dir, from what its folder holds; called by the run's own
-    process once summary.json says how it ended."""
+class Entry(NamedTuple):
+    """What a run's HParams entry holds (the arguments of outputs.write_hparams_entry)."""
+
+    hparams: dict[str, Any]
+    metrics: dict[str, float]
+    status: str
+    step: int
+
+
+def run_entry(run_dir: Path, test_accuracy: float | None = None) -> Entry:
+    """The entry of the run in run_dir, from what its folder holds once summary.json says
+    how it ended; test_accuracy as in metrics_of."""
     info = read_run(run_dir, live_check=False)
-    return write_hparams_entry(
-        Path(run_dir) / TENSORBOARD,
-        hparams_of(info),
-        metrics_of(info, test_accuracy),
-        info.status,
-        step=info.epochs or 0,
-    )
+    return Entry(hparams_of(info), metrics_of(info, test_accuracy), info.status, info.epochs or 0)

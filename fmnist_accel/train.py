@@ -47,12 +47,12 @@ from .errors import (
     UserError,
     WriteFailed,
 )
-from .final_test import run_final_test
+from .final_test import final_test_line, final_test_record, run_final_test
 from .hardware import describe, end_accelerator, thread_note
 from .models import count_parameters
 from .preemption import StopRequest
 from .resume_policy import settle_config, share_plan
-from .run_end import record_run_end
+from .run_end import end_figures
 from .session import Session, build_session, compiles, make_training_accelerator
 
 
@@ -122,10 +122,15 @@ def run_training(accelerator, explicit: dict[str, Any]) -> int:
     finally:
         stop_request.uninstall()
     outputs.write_summary(s, end.status, end.detail, end.epoch)
-    test_line = None
-    if end.exit_code == EXIT_OK and cfg.final_test:  # adds final_test to summary.json
-        test_line = run_final_test(accelerator, s.run_dir, cfg.data_dir, cfg.eval_batch_size)
-    record_run_end(s.accelerator, s.run_dir, end.status, reporter.print)  # figures, HParams
+    tested = test_line = None  # the final test's evaluation, reused for the figures
+    if end.exit_code == EXIT_OK and cfg.final_test:
+        tested = run_final_test(accelerator, s.run_dir, cfg.data_dir, cfg.eval_batch_size)
+        record = final_test_record(tested)
+        outputs.add_final_test(s, record)  # summary.json's final_test
+        test_line = final_test_line(record)
+    figures = end_figures(accelerator, s.run_dir, end.status, reporter.print, tested)
+    outputs.log_figures(s, figures)  # TensorBoard's Images
+    outputs.write_hparams(s, figures.test_accuracy if figures else None)  # and its HParams
     if end.exit_code == EXIT_DIVERGED:
         raise TrainingDiverged(end.detail)  # one line on stderr, exit code 3
     if end.detail:

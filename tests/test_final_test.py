@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 import re
+from types import SimpleNamespace
 
+import pytest
 from conftest import N_TEST, TINY_RUN_ARGS
 
+from fmnist_accel import outputs
 from fmnist_accel.checkpoint import load_model_checkpoint
+from fmnist_accel.errors import EXIT_WRITE_FAILED, WriteFailed
 
 
 def summary(run_dir) -> dict:
@@ -79,3 +83,21 @@ def test_the_final_test_changes_nothing_else_and_can_be_turned_off(
         return [{k: v for k, v in r.items() if k not in drop} for r in rows]
 
     assert epochs(run) == epochs(tiny_run.run_dir)
+
+
+def one_process_session(run_dir) -> SimpleNamespace:
+    accelerator = SimpleNamespace(is_main_process=True, num_processes=1)
+    return SimpleNamespace(accelerator=accelerator, run_dir=run_dir)
+
+
+def test_the_record_is_added_to_summary_json_and_a_failed_write_is_write_failed(tmp_path):
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "completed"}))
+    outputs.add_final_test(one_process_session(tmp_path), None)  # no checkpoint: no entry
+    assert summary(tmp_path) == {"status": "completed"}
+    outputs.add_final_test(one_process_session(tmp_path), {"accuracy": 0.5})
+    assert summary(tmp_path) == {"status": "completed", "final_test": {"accuracy": 0.5}}
+
+    gone = tmp_path / "gone"
+    with pytest.raises(WriteFailed, match=f"^cannot write {re.escape(str(gone))}/summary.json: "):
+        outputs.add_final_test(one_process_session(gone), {"accuracy": 0.5})
+    assert WriteFailed.exit_code == EXIT_WRITE_FAILED

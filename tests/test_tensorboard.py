@@ -12,12 +12,13 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import CLI, TINY_RUN_ARGS, run_command
 from launching import train, why
 
-from fmnist_accel import tb_hparams
+from fmnist_accel import outputs, tb_hparams
 from fmnist_accel.runinfo import read_run
 
 # The tiny run has 6 steps per epoch: step 8 is in epoch 2.
@@ -92,10 +93,10 @@ def test_a_resumed_run_is_one_tensorboard_run_with_one_hparams_entry(stopped_the
 
 def test_the_entry_is_replaced_not_added(tmp_path):
     tb_dir = tmp_path / "tensorboard"
-    tb_hparams.write_hparams_entry(tb_dir, {"lr": 0.1}, {"final/epochs": 1.0}, "preempted", 1)
+    outputs.write_hparams_entry(tb_dir, {"lr": 0.1}, {"final/epochs": 1.0}, "preempted", 1)
     (tb_dir / ".hparams-left-by-a-kill.partial").write_bytes(b"torn")
     time.sleep(1.1)  # the next file's name has a later second in it
-    tb_hparams.write_hparams_entry(tb_dir, {"lr": 0.2}, {"final/epochs": 3.0}, "completed", 3)
+    outputs.write_hparams_entry(tb_dir, {"lr": 0.2}, {"final/epochs": 3.0}, "completed", 3)
     assert [p.name.endswith(tb_hparams.SUFFIX) for p in tb_dir.iterdir()] == [True]
     options, metrics = hparams_entry(tb_dir)
     assert options == {"lr": 0.2}
@@ -104,8 +105,25 @@ def test_the_entry_is_replaced_not_added(tmp_path):
 
 @pytest.mark.parametrize("status", ["completed", "early-stopped", "preempted", "diverged", "?"])
 def test_every_status_makes_an_entry(tmp_path, status):
-    tb_hparams.write_hparams_entry(tmp_path, {"status": status}, {}, status, 0)
+    outputs.write_hparams_entry(tmp_path, {"status": status}, {}, status, 0)
     assert hparams_entry(tmp_path)[0] == {"status": status}
+
+
+def test_an_entry_that_cannot_be_written_is_one_note_of_the_main_process(tiny_run, tmp_path):
+    """An extra of a run that has ended: a failed write is said, it raises nothing."""
+    run = tmp_path / "r"
+    shutil.copytree(tiny_run.run_dir, run)
+    shutil.rmtree(run / "tensorboard")
+    (run / "tensorboard").write_text("a file where the folder should be")
+    said = []
+    for main in (False, True):
+        s = SimpleNamespace(
+            accelerator=SimpleNamespace(is_main_process=main),
+            run_dir=run,
+            reporter=SimpleNamespace(print=said.append),
+        )
+        outputs.write_hparams(s, None)
+    assert said == ["note: the HParams entry was not written: File exists"]
 
 
 def free_port() -> int:
