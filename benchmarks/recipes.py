@@ -173,6 +173,7 @@ def headline(rows: list[dict]) -> str:
 def draw_curves(rows: list[dict], path: Path) -> None:
     """Test accuracy after every epoch against training seconds and against epochs."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -195,6 +196,7 @@ def draw_curves(rows: list[dict], path: Path) -> None:
         by_time.axvline(budget, color="grey", linewidth=0.8, linestyle=":")
     by_time.set_xlabel("training seconds (the run's elapsed: no start-up, no test passes)")
     by_epoch.set_xlabel("epoch")
+    by_epoch.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     by_time.set_ylabel("test accuracy after the epoch (no TTA)")
     by_epoch.legend(loc="lower right", fontsize=8)
     fig.suptitle(f"Time to accuracy, {rows[0]['hardware']}, {rows[0]['precision']}")
