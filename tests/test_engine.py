@@ -14,6 +14,10 @@ def test_options_that_have_no_effect_are_named():
     assert unused_options(explicit, resolve_config(explicit)) == ["momentum"]
     explicit = {"optimizer": "sgd", "momentum": 0.8, "scheduler": "cosine", "plateau_factor": 0.5}
     assert unused_options(explicit, resolve_config(explicit)) == ["plateau_factor"]
+    explicit = {"crop_padding": 1}  # the default recipe does not augment
+    assert unused_options(explicit, resolve_config(explicit)) == ["crop_padding"]
+    explicit = {"recipe": "accurate", "crop_padding": 1}  # it does: flips, now with shifts
+    assert unused_options(explicit, resolve_config(explicit)) == []
 
 
 def test_best_of_a_run_without_validation_points_to_last(tmp_path):
