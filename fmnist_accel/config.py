@@ -132,7 +132,9 @@ class TrainConfig:
         min=0,
     )
     augment: bool = option(
-        False, "On-device augmentation of training batches: random crop (pad 2) and flip."
+        False,
+        "On-device augmentation of training batches: random crop (shifts of up to "
+        "--crop-padding pixels) and flip.",
     )
     crop_padding: int = option(
         2,
