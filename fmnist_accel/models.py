@@ -125,15 +125,31 @@ class ResNet9(nn.Module):
     conv-BN-ReLU blocks, residual blocks after the 2nd and 4th conv, max-pooling, a global
     max-pool and one linear layer whose output is scaled by 1/8 (as in the DAWNBench
     entry: it keeps the logits small at the high learning rates of OneCycle SGD).
+
+    pool_after_stem: the first max-pool comes right after the one-channel first convolution
+    instead of after the second (resnet-s, resnet-m). ResNet-9 spends most of a step in its
+    second convolution and first residual block, at 28 x 28 and 14 x 14; pooled first, every
+    layer but the stem runs at 14 x 14 or below, where a convolution costs a quarter as much.
+    With narrower widths a step then costs a third of ResNet-9's or less (2 to 4 times the
+    images/s on a 2-core CPU), for almost the same accuracy per epoch on these small images
+    (benchmarks/RESULTS.md, "Time to accuracy").
     """
 
-    def __init__(self, widths: tuple[int, int, int, int] = (32, 64, 128, 256)):
+    def __init__(
+        self, widths: tuple[int, int, int, int] = (32, 64, 128, 256), pool_after_stem=False
+    ):
         super().__init__()
         w0, w1, w2, w3 = widths
+        # Layers are made in their order in the network, so a seed draws the same weights as
+        # before pool_after_stem existed.
+        stem = conv_bn_relu(1, w0)  # 28 x 28
+        if pool_after_stem:
+            second = [nn.MaxPool2d(2), conv_bn_relu(w0, w1)]  # 14 x 14 from here on
+        else:
+            second = [conv_bn_relu(w0, w1), nn.MaxPool2d(2)]  # 28 x 28, then 14 x 14
         self.features = nn.Sequential(
-            conv_bn_relu(1, w0),  # 28 x 28
-            conv_bn_relu(w0, w1),
-            nn.MaxPool2d(2),  # 14 x 14
+            stem,
+            *second,
             Residual(w1),
             conv_bn_relu(w1, w2),
             nn.MaxPool2d(2),  # 7 x 7
@@ -150,49 +166,14 @@ class ResNet9(nn.Module):
         return self.classifier(self.features(x)) * self.logit_scale
 
 
-class HalfResNet(nn.Module):
-    """The ResNet-9 shape with a max-pool right after its first convolution, for speed.
-
-    Only the one-channel stem runs at 28 x 28; every later layer runs at 14 x 14 or below,
-    where a convolution costs a quarter as much. ResNet-9 spends most of its time in its
-    second convolution and first residual block at 28 x 28 and 14 x 14; here they run at
-    14 x 14 and with fewer channels, so a step costs about a third of ResNet-9's (2x to 4x
-    the images per second on a 2-core CPU) for almost the same accuracy per epoch on these
-    small images (benchmarks/RESULTS.md, "Time to accuracy"). The last block is widest: at
-    3 x 3 its channels are cheap.
-    """
-
-    def __init__(self, widths: tuple[int, int, int, int]):
-        super().__init__()
-        w0, w1, w2, w3 = widths
-        self.features = nn.Sequential(
-            conv_bn_relu(1, w0),  # 28 x 28
-            nn.MaxPool2d(2),  # 14 x 14
-            conv_bn_relu(w0, w1),
-            Residual(w1),
-            conv_bn_relu(w1, w2),
-            nn.MaxPool2d(2),  # 7 x 7
-            conv_bn_relu(w2, w3),
-            nn.MaxPool2d(2),  # 3 x 3
-            Residual(w3),
-            nn.AdaptiveMaxPool2d(1),
-            nn.Flatten(),
-        )
-        self.classifier = nn.Linear(w3, 10)
-        self.logit_scale = 0.125  # as in ResNet-9: small logits at high SGD learning rates
-
-    def forward(self, x):
-        return self.classifier(self.features(x)) * self.logit_scale
+def resnet_s() -> ResNet9:
+    """0.42M parameters, pooled after the stem: the `fast` recipe's model."""
+    return ResNet9((24, 32, 64, 128), pool_after_stem=True)
 
 
-def resnet_s() -> HalfResNet:
-    """0.42M parameters: the `fast` recipe's model."""
-    return HalfResNet((24, 32, 64, 128))
-
-
-def resnet_m() -> HalfResNet:
-    """0.93M parameters: the `accurate` recipe's model."""
-    return HalfResNet((32, 48, 96, 192))
+def resnet_m() -> ResNet9:
+    """0.93M parameters, pooled after the stem: the `accurate` recipe's model."""
+    return ResNet9((32, 48, 96, 192), pool_after_stem=True)
 
 
 MODELS: dict[str, Callable[[], nn.Module]] = {

@@ -46,8 +46,8 @@ EXPECTED_PARAMETERS = {
     )
     + linear(256, 10),
 }
-# HalfResNet (resnet-s, resnet-m): ResNet-9's layers with widths w0..w3 (stem 1->w0, w0->w1,
-# residual w1, w1->w2, w2->w3, residual w3), and one linear layer.
+# resnet-s, resnet-m (ResNet9 pooled after the stem): ResNet-9's layers with widths w0..w3
+# (stem 1->w0, w0->w1, residual w1, w1->w2, w2->w3, residual w3), and one linear layer.
 for _name, (w0, w1, w2, w3) in {
     "resnet-s": (24, 32, 64, 128),
     "resnet-m": (32, 48, 96, 192),
@@ -75,7 +75,7 @@ def test_resnets_are_under_two_million_parameters(name):
 
 
 def test_half_resnets_run_every_layer_after_the_stem_at_half_resolution():
-    """The point of HalfResNet: the first max-pool comes right after the one-channel stem."""
+    """The point of resnet-s and resnet-m: the first max-pool comes right after the stem."""
     for name in ("resnet-s", "resnet-m"):
         layers = list(build_model(name).features)
         assert isinstance(layers[1], nn.MaxPool2d), name
