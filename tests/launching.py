@@ -82,6 +82,30 @@ def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+# metrics.jsonl fields that differ between two runs of the same training: wall-clock times
+TIMING = {"train_time", "images_per_sec", "epoch_time", "elapsed"}
+
+
+def assert_same_training(run: Path, reference: Path, epochs: int) -> None:
+    """Two runs trained alike: metrics.jsonl (all but the timings) and the tensors of every
+    checkpoint the reference has (best and last, or last alone), bit for bit."""
+    from safetensors.torch import load_file
+
+    got, want = metrics(run), metrics(reference)
+    assert [r["epoch"] for r in got] == list(range(1, epochs + 1))
+    for a, b in zip(got, want, strict=True):
+        assert {k: v for k, v in a.items() if k not in TIMING} == {
+            k: v for k, v in b.items() if k not in TIMING
+        }
+    names = [n for n in ("best", "last") if (reference / f"{n}.safetensors").exists()]
+    assert "last" in names
+    for name in names:
+        a, b = load_file(run / f"{name}.safetensors"), load_file(reference / f"{name}.safetensors")
+        assert a.keys() == b.keys(), name
+        for key in a:
+            assert a[key].equal(b[key]), f"{name}: {key} differs"
+
+
 def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
 

@@ -14,16 +14,14 @@ from pathlib import Path
 
 import pytest
 from fakedata import write_fashion_dir
-from launching import metrics, summary, train, why
+from launching import assert_same_training, metrics, summary, train, why
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from fmnist_accel.config import MODEL_NAMES, TrainConfig, resolve_config
 from fmnist_accel.models import build_model, count_parameters
 from fmnist_accel.recipes import RECIPES
 
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
-TIMING = {"train_time", "images_per_sec", "epoch_time", "elapsed"}
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
@@ -112,14 +110,4 @@ def test_accurate_stopped_mid_epoch_resumes_to_identical_results(data_dir, tmp_p
     assert proc.returncode == 0, why(proc)
     assert "resuming after epoch 1" in proc.stdout and ", step 4)" in proc.stdout
 
-    got, want = metrics(tmp_path / "cut"), metrics(tmp_path / "ref")
-    assert len(got) == len(want) == EPOCHS
-    for a, b in zip(got, want, strict=True):
-        assert {k: v for k, v in a.items() if k not in TIMING} == {
-            k: v for k, v in b.items() if k not in TIMING
-        }
-    a, b = (
-        load_file(tmp_path / "cut/last.safetensors"),
-        load_file(tmp_path / "ref/last.safetensors"),
-    )
-    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert_same_training(tmp_path / "cut", tmp_path / "ref", EPOCHS)
