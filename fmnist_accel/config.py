@@ -20,7 +20,16 @@ from typing import Any
 
 from .recipes import RECIPES
 
-MODEL_NAMES = ("mlp", "cnn", "cnn-bn", "resnet9", "resnet-s", "resnet-m")
+MODEL_NAMES = (
+    "mlp",
+    "cnn",
+    "cnn-bn",
+    "resnet9",
+    "resnet-s",
+    "resnet-m",
+    "airbench-s",
+    "airbench-m",
+)
 MIXED_PRECISION = ("no", "fp16", "bf16")
 
 
@@ -47,8 +56,9 @@ class TrainConfig:
     )
     model: str = option(
         "cnn-bn",
-        "mlp, cnn (the seed's basic CNN), cnn-bn (the seed's improved CNN), resnet9, or the "
-        "faster resnet-s and resnet-m (ResNet-9's shape at half resolution).",
+        "mlp, cnn (the seed's basic CNN), cnn-bn (the seed's improved CNN), resnet9, the "
+        "faster resnet-s and resnet-m (ResNet-9's shape at half resolution), or airbench-s "
+        "and airbench-m (airbench's shape: a whitening first layer fitted to the data).",
         choices=MODEL_NAMES,
     )
     epochs: int = option(50, "Maximum number of epochs (the seed trained 50).", min=1)

@@ -1,4 +1,4 @@
-"""The seed's three models, a ResNet-9 and two faster ResNets, by name.
+"""The seed's three models, a ResNet-9, two faster ResNets and two airbench-shaped nets, by name.
 
 Every model takes normalised images of shape (N, 1, 28, 28) and returns (N, 10) logits.
 The layer shapes of mlp, cnn and cnn-bn follow the seed (docs/original-recipe.md), including its
@@ -176,6 +176,94 @@ def resnet_m() -> ResNet9:
     return ResNet9((32, 48, 96, 192), pool_after_stem=True)
 
 
+# Patches the whitening layer's filters are fitted to: 5000 images give 3.4M 3 x 3 patches,
+# plenty for a 9 x 9 covariance, in a fraction of a second.
+WHITENING_IMAGES = 5000
+
+
+def frozen_scale_batch_norm(channels: int) -> nn.BatchNorm2d:
+    """BatchNorm with its scale fixed at 1 and only its shift learned, as airbench has it.
+    momentum 0.4: the running statistics follow the weights closely, which change fast in a
+    schedule of a few epochs (torch's default, 0.1, would average over ~10 steps)."""
+    norm = nn.BatchNorm2d(channels, momentum=0.4)
+    norm.weight.requires_grad_(False)
+    return norm
+
+
+class ConvGroup(nn.Module):
+    """conv 3x3 -> max-pool 2 -> BN -> GELU -> conv 3x3 -> BN -> GELU.
+
+    Pooling before the normalisation, as airbench does, normalises a quarter of the values.
+    The convolutions start as partial identities (dirac): the first c_in filters pass their
+    input through, so the untrained net already carries the whitened image forward.
+    """
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.norm1 = frozen_scale_batch_norm(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.norm2 = frozen_scale_batch_norm(c_out)
+        with torch.no_grad():
+            for conv in (self.conv1, self.conv2):
+                nn.init.dirac_(conv.weight[: conv.in_channels])
+
+    def forward(self, x):
+        x = nn.functional.gelu(self.norm1(nn.functional.max_pool2d(self.conv1(x), 2)))
+        return nn.functional.gelu(self.norm2(self.conv2(x)))
+
+
+class AirbenchNet(nn.Module):
+    """Shaped after Keller Jordan's airbench (CIFAR-10 speed runs), for 28 x 28 grey images.
+
+    A frozen 3 x 3 whitening convolution (18 filters: the 9 eigenvectors of the training
+    patches' covariance, scaled by 1/sqrt(eigenvalue), and their negatives), then three
+    ConvGroups at 26 -> 13, 13 -> 6 and 6 -> 3, a global max-pool and a linear layer without
+    bias, scaled by 1/9. No residual connections. It learns much faster per epoch than the
+    ResNets here (benchmarks/RESULTS.md, "Time to accuracy").
+
+    The whitening filters come from the data: `fit_whitening(images)` before training (the
+    training session calls it); a checkpoint carries them like any other weight.
+    """
+
+    def __init__(self, widths: tuple[int, int] = (32, 128)):
+        super().__init__()
+        w1, w2 = widths
+        self.whiten = nn.Conv2d(1, 18, kernel_size=3, padding=0, bias=True)
+        self.whiten.weight.requires_grad_(False)  # fitted to the data, never trained
+        self.groups = nn.Sequential(ConvGroup(18, w1), ConvGroup(w1, w2), ConvGroup(w2, w2))
+        self.classifier = nn.Linear(w2, 10, bias=False)
+        self.logit_scale = 1 / 9
+
+    @torch.no_grad()
+    def fit_whitening(self, images: torch.Tensor) -> None:
+        """images: normalised (N, 1, 28, 28). Deterministic (float64 on the CPU), so every
+        rank of a multi-process run computes the same filters."""
+        patches = nn.functional.unfold(images.detach().cpu().double().contiguous(), 3)
+        patches = patches.transpose(1, 2).reshape(-1, 9)
+        eigenvalues, eigenvectors = torch.linalg.eigh(patches.T @ patches / len(patches))
+        # 1e-2 keeps the flattest directions (noise) from being amplified without bound
+        filters = (eigenvectors.T / torch.sqrt(eigenvalues + 1e-2)[:, None]).reshape(9, 1, 3, 3)
+        weight = torch.cat([filters, -filters]).to(self.whiten.weight)
+        self.whiten.weight.copy_(weight)
+        self.whiten.bias.zero_()
+
+    def forward(self, x):
+        x = self.groups(nn.functional.gelu(self.whiten(x)))
+        x = nn.functional.adaptive_max_pool2d(x, 1).flatten(1)
+        return self.classifier(x) * self.logit_scale
+
+
+def airbench_s() -> AirbenchNet:
+    """0.50M parameters, widths 32/128: the `accurate` recipe's model."""
+    return AirbenchNet((32, 128))
+
+
+def airbench_m() -> AirbenchNet:
+    """1.11M parameters, widths 48/192."""
+    return AirbenchNet((48, 192))
+
+
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "mlp": MLP,
     "cnn": CNN,
@@ -183,6 +271,8 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
     "resnet9": ResNet9,
     "resnet-s": resnet_s,
     "resnet-m": resnet_m,
+    "airbench-s": airbench_s,
+    "airbench-m": airbench_m,
 }
 
 

@@ -20,12 +20,12 @@ from .config import TrainConfig
 from .console import Reporter
 from .data import ensure_files, load_split, train_valid_split
 from .decisions import BestTracker, EarlyStopping, make_schedulers
-from .device_data import EvalSet, TrainStream
+from .device_data import EvalSet, TrainStream, normalise
 from .ema import WeightEMA
 from .engine import EpochProgress
 from .errors import UserError
 from .hardware import make_accelerator
-from .models import build_model
+from .models import WHITENING_IMAGES, build_model
 from .resume_policy import RunPlan, check_process_count
 
 
@@ -173,7 +173,10 @@ def build_session(accelerator, plan: RunPlan, cfg: TrainConfig, reporter: Report
 
     # The same initial weights on every rank; each rank its own dropout stream afterwards.
     set_seed(cfg.seed)
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model)
+    if hasattr(model, "fit_whitening"):  # airbench-*: first-layer filters from the data
+        model.fit_whitening(normalise(train_split.images[:WHITENING_IMAGES]))
+    model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     lr = cfg.lr * (world if cfg.scale_lr else 1)

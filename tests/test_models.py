@@ -58,19 +58,44 @@ for _name, (w0, w1, w2, w3) in {
     ) + linear(w3, 10)
 
 
-def test_the_six_models_are_registered():
-    assert set(MODELS) == {"mlp", "cnn", "cnn-bn", "resnet9", "resnet-s", "resnet-m"}
+# airbench-s, airbench-m: a 3x3 whitening conv 1 -> 18 with bias, three groups of two convs
+# without bias (18 -> w1, w1 -> w1; w1 -> w2, w2 -> w2; w2 -> w2, w2 -> w2), each followed by
+# BatchNorm, and a linear layer without bias. Frozen: the whitening filters (fitted to the
+# data) and every BatchNorm scale (fixed at 1).
+for _name, (w1, w2) in {"airbench-s": (32, 128), "airbench-m": (48, 192)}.items():
+    _convs = [(18, w1), (w1, w1), (w1, w2), (w2, w2), (w2, w2), (w2, w2)]
+    EXPECTED_PARAMETERS[_name] = (
+        conv3x3(1, 18) + sum(conv3x3(i, o, bias=False) + batch_norm(o) for i, o in _convs) + w2 * 10
+    )
+FROZEN_PARAMETERS = {
+    "airbench-s": 18 * 9 + 2 * 32 + 4 * 128,
+    "airbench-m": 18 * 9 + 2 * 48 + 4 * 192,
+}
+
+
+def test_the_eight_models_are_registered():
+    assert set(MODELS) == {
+        "mlp",
+        "cnn",
+        "cnn-bn",
+        "resnet9",
+        "resnet-s",
+        "resnet-m",
+        "airbench-s",
+        "airbench-m",
+    }
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_parameter_count(name):
     model = build_model(name)
     assert count_parameters(model) == EXPECTED_PARAMETERS[name]
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count_parameters(model)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trained == count_parameters(model) - FROZEN_PARAMETERS.get(name, 0)
 
 
-@pytest.mark.parametrize("name", ["resnet9", "resnet-s", "resnet-m"])
-def test_resnets_are_under_two_million_parameters(name):
+@pytest.mark.parametrize("name", ["resnet9", "resnet-s", "resnet-m", "airbench-s", "airbench-m"])
+def test_new_models_are_under_two_million_parameters(name):
     assert count_parameters(build_model(name)) <= 2_000_000
 
 
@@ -195,3 +220,32 @@ def test_cpu_dropout_draws_a_uniform_mask_not_torchs_bernoulli():
     models = [build_model(name) for name in ("cnn", "cnn-bn")]
     droppers = [m for model in models for m in model.modules() if isinstance(m, nn.Dropout)]
     assert len(droppers) == 3 and all(type(m) is UniformMaskDropout for m in droppers)
+
+
+def test_whitening_filters_decorrelate_the_patches_they_were_fitted_to():
+    """airbench-*: after fit_whitening, the first 9 channels of the whitening convolution
+    (before its bias) have nearly uncorrelated outputs of nearly unit variance on those images
+    (the eigenvalues below the 1e-2 floor come out smaller); the other 9 are their negatives."""
+    torch.manual_seed(0)
+    smooth = nn.functional.avg_pool2d(torch.randn(200, 1, 30, 30), 3, stride=1)  # correlated
+    model = build_model("airbench-s")
+    model.fit_whitening(smooth)
+    with torch.no_grad():
+        out = nn.functional.conv2d(smooth, model.whiten.weight)  # (200, 18, 26, 26)
+    first = out[:, :9].permute(1, 0, 2, 3).reshape(9, -1)
+    cov = first @ first.T / first.shape[1]
+    off_diagonal = cov - torch.diag(torch.diagonal(cov))
+    assert off_diagonal.abs().max() < 1e-3
+    assert torch.diagonal(cov).max() < 1.0 and torch.diagonal(cov).max() > 0.9
+    assert torch.equal(model.whiten.weight[9:], -model.whiten.weight[:9])
+    assert not model.whiten.weight.requires_grad
+
+
+def test_airbench_convolutions_start_as_partial_identities():
+    """Each group's convolutions pass their first c_in channels through at initialisation."""
+    group = build_model("airbench-s").groups[1]  # 32 -> 128, 128 -> 128
+    for conv in (group.conv1, group.conv2):
+        expected = torch.zeros_like(conv.weight[: conv.in_channels])
+        nn.init.dirac_(expected)
+        assert torch.equal(conv.weight[: conv.in_channels], expected)
+    assert group.conv1.weight[32:].abs().sum() > 0  # the filters beyond the first 32: random
