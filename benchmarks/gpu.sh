@@ -9,7 +9,7 @@
 #      lr 6e-3, --compile);
 #   2. fixed schedules fitted to 15 s and 45 s of training (targets 0.955 and 0.960, test
 #      accuracy of the last checkpoint with flip TTA, `fmnist-accel eval last --tta`): the
-#      high-accuracy recipe (ResNet-9, --valid-size 0) and the accurate recipe (resnet-m).
+#      high-accuracy recipe (ResNet-9, --valid-size 0) and the accurate recipe (airbench-s).
 #      A 2-epoch probe run first measures the first and the later epochs' seconds; each budget
 #      then gets the first epoch and as many later ones as fit 98% of it;
 #   3. cnn-bn throughput, batch 4096, bf16, --compile, 3 epochs (target: >= 700k img/s over

@@ -53,14 +53,16 @@ DEFAULT_CANDIDATES = {
 TIME_TO_ACCURACY = {
     "fast": (["--recipe", "fast"], (0.93, 90), False),  # no flips trained: no flip TTA
     "accurate": (["--recipe", "accurate"], (0.95, 300), True),
+    "accurate-long": (["--recipe", "accurate-long"], (0.955, 900), True),
     "default-4-epochs": (["--epochs", "4"], (0.93, 90), False),
-    "high-accuracy-4-epochs": (
-        ["--recipe", "high-accuracy", "--valid-size", "0", "--epochs", "4"],
+    # the accurate recipe of the fourth session: resnet-m, 7 epochs (0.9482 then)
+    "resnet-m-7-epochs": (
+        ["--recipe", "accurate", "--model", "resnet-m", "--epochs", "7"],
         (0.95, 300),
         True,
     ),
 }
-NEW_RECIPES = ("fast", "accurate")
+NEW_RECIPES = ("fast", "accurate", "accurate-long")
 
 
 def hardware() -> str:
@@ -133,9 +135,11 @@ def high_accuracy_rows(data_dir: str, workdir: Path, common: list[str]) -> list[
     return rows
 
 
-def time_to_accuracy_rows(data_dir: str, workdir: Path, common: list[str], seeds, quick):
+def time_to_accuracy_rows(data_dir: str, workdir: Path, common: list[str], seeds, quick, only):
     rows = []
     for name, (options, _, _) in TIME_TO_ACCURACY.items():
+        if only and name not in only:
+            continue
         for seed in seeds if name in NEW_RECIPES else seeds[:1]:
             extra = ["--epochs", "1"] if quick else []
             row = run_recipe(
@@ -179,7 +183,7 @@ def draw_curves(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (by_time, by_epoch) = plt.subplots(1, 2, figsize=(13, 5.2), sharey=True)
-    colours = dict(zip(TIME_TO_ACCURACY, ("C0", "C1", "C7", "C3"), strict=True))
+    colours = dict(zip(TIME_TO_ACCURACY, ("C0", "C1", "C2", "C7", "C3"), strict=True))
     for r in rows:
         epochs, seconds, accuracy = zip(*r["curve"], strict=True)
         label = f"{r['recipe']} (seed {r['seed']})"
@@ -188,11 +192,11 @@ def draw_curves(rows: list[dict], path: Path) -> None:
         by_time.plot(seconds, accuracy, label=label, **style)
         by_epoch.plot(epochs, accuracy, label=label, **style)
     for ax in (by_time, by_epoch):
-        for target in (0.93, 0.95):
+        for target in (0.93, 0.95, 0.955):
             ax.axhline(target, color="grey", linewidth=0.8, linestyle=":")
         ax.grid(alpha=0.3)
-        ax.set_ylim(0.80, 0.96)
-    for budget in (90, 300):
+        ax.set_ylim(0.80, 0.965)
+    for budget in (90, 300, 900):
         by_time.axvline(budget, color="grey", linewidth=0.8, linestyle=":")
     by_time.set_xlabel("training seconds (the run's elapsed: no start-up, no test passes)")
     by_epoch.set_xlabel("epoch")
@@ -242,6 +246,8 @@ def main() -> None:
                         help="time-to-accuracy: where the curves go")  # fmt: skip
     parser.add_argument("--from-json", default=None,
                         help="time-to-accuracy: tables and PNG again from its JSON")  # fmt: skip
+    parser.add_argument("--only", default="",
+                        help="time-to-accuracy: only these rows (comma-separated)")  # fmt: skip
     parser.add_argument("--quick", action="store_true",
                         help="time-to-accuracy: 1 epoch per run, to check the script")  # fmt: skip
     args = parser.parse_args()
@@ -267,7 +273,13 @@ def main() -> None:
             rows = high_accuracy_rows(args.data_dir, workdir, common)
         elif args.set == "time-to-accuracy":
             seeds = [int(s) for s in args.seeds.split(",")]
-            rows = time_to_accuracy_rows(args.data_dir, workdir, common, seeds, args.quick)
+            only = [name for name in args.only.split(",") if name]
+            unknown = set(only) - set(TIME_TO_ACCURACY)
+            if unknown:
+                parser.error(
+                    f"--only: no rows named {sorted(unknown)}; choose from {list(TIME_TO_ACCURACY)}"
+                )
+            rows = time_to_accuracy_rows(args.data_dir, workdir, common, seeds, args.quick, only)
             for row in rows:
                 row["precision"] = args.mixed_precision or "fp32"
         else:

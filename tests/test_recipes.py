@@ -44,7 +44,7 @@ def test_the_recipe_choices_are_the_recipes():
 
 def test_options_given_override_the_recipe():
     cfg = resolve_config({"recipe": "accurate", "epochs": 2, "valid_size": 5000, "model": None})
-    assert (cfg.epochs, cfg.valid_size, cfg.model) == (2, 5000, "resnet-m")
+    assert (cfg.epochs, cfg.valid_size, cfg.model) == (2, 5000, RECIPES["accurate"]["model"])
 
 
 def test_the_time_to_accuracy_recipes_are_fixed_schedules_on_all_images():
