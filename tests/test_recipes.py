@@ -1,7 +1,7 @@
 """The named recipes: what each sets, that the options a user gives win, and that the
-time-to-accuracy recipes (fast, accurate) keep the engine's promises on real processes:
-ranks agree on 2 processes, a run stopped mid-epoch resumes to identical results, and the
-flip-only augmentation of `accurate` is what the run trains with.
+time-to-accuracy recipes (fast, accurate, accurate-long) keep the engine's promises on real
+processes: ranks agree on 2 processes, a run stopped mid-epoch resumes to identical results,
+and the augmentation each recipe names is what its run trains with.
 
 Their accuracy and speed are measured in benchmarks/recipes.py, not here.
 """
@@ -48,7 +48,7 @@ def test_options_given_override_the_recipe():
 
 
 def test_the_time_to_accuracy_recipes_are_fixed_schedules_on_all_images():
-    for name in ("fast", "accurate"):
+    for name in ("fast", "accurate", "accurate-long"):
         cfg = resolve_config({"recipe": name})
         assert cfg.scheduler == "onecycle" and not cfg.early_stopping and cfg.valid_size == 0
     assert not resolve_config({"recipe": "fast"}).augment
@@ -78,7 +78,7 @@ def saved_config(path: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["fast", "accurate"])
+@pytest.mark.parametrize("recipe", ["fast", "accurate", "accurate-long"])
 def test_two_processes_agree_and_end_with_the_test_accuracy(recipe, data_dir, tmp_path):
     proc = train(2, short(recipe, data_dir, tmp_path, "r", batch=25))
     assert proc.returncode == 0, why(proc)
