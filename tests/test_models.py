@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from fmnist_accel.config import MODEL_NAMES
 from fmnist_accel.models import MODELS, build_model, count_parameters
 
 
@@ -71,17 +72,11 @@ for _name, (w1, w2) in {"airbench-s": (32, 96), "airbench-m": (32, 128)}.items()
     FROZEN_PARAMETERS[_name] = 18 * 9 + sum(o for _, o in _convs)  # whitening, BN scales
 
 
-def test_the_eight_models_are_registered():
-    assert set(MODELS) == {
-        "mlp",
-        "cnn",
-        "cnn-bn",
-        "resnet9",
-        "resnet-s",
-        "resnet-m",
-        "airbench-s",
-        "airbench-m",
-    }
+def test_every_model_is_registered_offered_and_counted():
+    """models.MODELS, the --model choices (config.py keeps its own tuple so that --help does
+    not import torch) and the hand counts above name the same eight models."""
+    assert set(MODELS) == set(MODEL_NAMES) == set(EXPECTED_PARAMETERS)
+    assert len(MODELS) == 8
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
