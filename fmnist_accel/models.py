@@ -183,8 +183,9 @@ WHITENING_IMAGES = 5000
 
 def frozen_scale_batch_norm(channels: int) -> nn.BatchNorm2d:
     """BatchNorm with its scale fixed at 1 and only its shift learned, as airbench has it.
-    momentum 0.4: the running statistics follow the weights closely, which change fast in a
-    schedule of a few epochs (torch's default, 0.1, would average over ~10 steps)."""
+    momentum 0.4 (airbench's 0.6 in the opposite convention): the running statistics weigh
+    about the last 2 or 3 steps, where torch's default 0.1 weighs about the last 10, so they
+    keep up with weights that change fast in a schedule of a few epochs."""
     norm = nn.BatchNorm2d(channels, momentum=0.4)
     norm.weight.requires_grad_(False)
     return norm
