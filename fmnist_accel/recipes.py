@@ -59,8 +59,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         # residuals, BatchNorm after pooling. Per epoch it learns much faster than resnet-m,
         # which the previous accurate recipe used (0.9482 in 5 minutes).
         "model": "airbench-s",
-        # About 27 s each on 2 cores in bf16: 4.5 minutes, some room for a slower host. The
-        # last epochs pay most: 8 instead of 9 epochs cost airbench-m 0.4 points.
+        # About 25 s each on 2 cores in bf16: 243 to 249 s measured, some room for a slower
+        # host. The last epochs pay most: 8 instead of 9 epochs cost airbench-m 0.4 points.
         "epochs": 10,
         # Flips only: 10 epochs are too few for random shifts to pay; the flips also let
         # `eval --tta` average each image with its mirror (+0.2 to +0.3 points).
@@ -73,7 +73,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "accurate-long": {
         **SPEED_RUN,
         "model": "airbench-m",  # wider than airbench-s: 0.50M parameters
-        "epochs": 24,  # about 32.5 s each on 2 cores in bf16: 13 minutes
+        "epochs": 24,  # about 31 s each on 2 cores in bf16: 745 to 759 s measured
         "augment": True,
         "crop_padding": 1,  # shifts of up to 1 pixel, and flips
     },
