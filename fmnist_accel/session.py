@@ -174,7 +174,9 @@ def build_session(accelerator, plan: RunPlan, cfg: TrainConfig, reporter: Report
     # The same initial weights on every rank; each rank its own dropout stream afterwards.
     set_seed(cfg.seed)
     model = build_model(cfg.model)
-    if hasattr(model, "fit_whitening"):  # airbench-*: first-layer filters from the data
+    # airbench-*: first-layer filters from the data (0.4 s, 0.4 GB at its peak). A resumed
+    # run loads them from resume.pt with the other weights, so it skips the fit.
+    if state is None and hasattr(model, "fit_whitening"):
         model.fit_whitening(normalise(train_split.images[:WHITENING_IMAGES]))
     model = model.to(device)
     if cfg.channels_last:
