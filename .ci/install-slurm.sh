@@ -6,7 +6,7 @@
 #   .ci/install-slurm.sh && FMNIST_ACCEL_REQUIRE_SLURM=1 python -m pytest tests/test_slurm.py
 #
 # The packages' own services are not started (the tests run their own daemons, with their own
-# configuration, from tests/slurm_cluster.py), and nothing under /etc is configured.
+# configuration, from tests/support/slurm_cluster.py), and nothing under /etc is configured.
 set -euo pipefail
 
 PACKAGES=(slurm-wlm munge)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from fmnist_accel.rundir import MetricsLog
+from fmnist_accel.store.run_folder import MetricsLog
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from seed_loop import SeedRun  # noqa: E402

@@ -33,8 +33,8 @@
 # Exits 1 if a run failed, 2 without a CUDA device (unless TINY=1).
 #
 # TINY=1: the same steps on a CPU in a minute or two of CPU time, to check the script: a fake
-# Fashion-MNIST (tests/fakedata.py, 1,000 training and 200 test images) replaces DATA, 1 or 2
-# epochs a run, budgets of 2 s and 4 s, no --compile (on a CPU it compiles C++ for minutes),
+# Fashion-MNIST (tests/support/fakedata.py, 1,000 training and 200 test images) replaces DATA,
+# 1 or 2 epochs a run, budgets of 2 s and 4 s, no --compile (on a CPU it compiles C++ for minutes),
 # no nvidia-smi; it then checks that every run produced its figures. The targets are not
 # expected to be met there.
 #
@@ -57,7 +57,7 @@ trap 'rm -rf "$RUNS"' EXIT
 
 if [[ $TINY == 1 ]]; then
     DATA=$RUNS/fake-data
-    "$PYTHON" -c 'import sys; sys.path.insert(0, "tests"); from fakedata import write_fashion_dir
+    "$PYTHON" -c 'import sys; sys.path.insert(0, "tests"); from support.fakedata import write_fashion_dir
 write_fashion_dir(sys.argv[1], 1000, 200)' "$DATA" || exit 1
     # cnn-bn runs: 2 epochs; --valid-size scales with the fake set (200 of 60k: 3 images)
     SHORT=(--epochs 2 --valid-size 200)

@@ -23,8 +23,8 @@ from torch import nn, optim
 from torch.utils.data import DataLoader, random_split
 from torchvision import datasets, transforms
 
-from fmnist_accel.data import load_split
-from fmnist_accel.models import build_model
+from fmnist_accel.engine.data import load_split
+from fmnist_accel.engine.models import build_model
 
 SEED_BATCH_SIZE = 16
 

@@ -3,7 +3,7 @@
 __version__ = "0.1.0"
 
 # A process of a restarted launch whose earlier attempt ended on purpose (bad input, a stop
-# signal...) exits here, before anything heavy is imported: see elastic.py.
-from . import elastic as _elastic  # noqa: E402
+# signal...) exits here, before anything heavy is imported: see cluster/restarts.py.
+from .cluster import restarts as _restarts  # noqa: E402
 
-_elastic.exit_if_an_earlier_attempt_chose_to()
+_restarts.exit_if_an_earlier_attempt_chose_to()

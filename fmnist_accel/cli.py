@@ -2,7 +2,8 @@
 
 The train options are generated from config.TrainConfig, so `fmnist-accel train`,
 `python -m fmnist_accel.train` and `accelerate launch -m fmnist_accel.train` share one
-definition. torch is imported only inside the commands: `fmnist-accel --help` stays fast.
+definition. Each command's work is in run/training.py or commands/, imported only when the
+command runs: `fmnist-accel --help` imports no torch and stays fast.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ import typing
 
 import click
 
-from . import elastic, errors
+from .cluster import restarts
+from .commands.runs import SORT_KEYS
 from .config import RECIPES, TrainConfig, config_fields
-from .errors import EXIT_PEER_FAILED, EXIT_USER_ERROR, UserError
-from .runs_table import SORT_KEYS
+from .errors import EXIT_PEER_FAILED, EXIT_USER_ERROR, UserError, error_line
 
 
 class FiniteFloat(click.FloatRange):
@@ -90,9 +91,15 @@ def train_options(command):
 @train_options
 def train_command(**options):
     """Train a model (defaults: cnn-bn with the seed's recipe, in large batches)."""
-    from .train import train
+    from .run.training import train
 
-    return train(options)
+    return train(options, program=program_name())
+
+
+def program_name() -> str:
+    """The name the running command was called by (`fmnist-accel`, `python -m
+    fmnist_accel.train`), which its error lines start with."""
+    return click.get_current_context().find_root().info_name or "fmnist-accel"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -167,10 +174,19 @@ def eval_command(
     Runs on one process, or on several with `accelerate launch -m fmnist_accel eval ...`:
     the figures are the same.
     """
-    from .evaluate import run_eval
+    from .commands.eval import run_eval
 
     return run_eval(
-        checkpoint, run_dir, output_dir, data_dir, batch_size, tta, split, as_json, save_figures
+        checkpoint,
+        run_dir,
+        output_dir,
+        data_dir,
+        batch_size,
+        tta,
+        split,
+        as_json,
+        save_figures,
+        program=program_name(),
     )
 
 
@@ -196,7 +212,7 @@ def plot_command(runs, output_dir, save_path):
     best epoch and learning-rate drops marked. RUN: a run folder, or its name in
     --output-dir.
     """
-    from .curves import run_plot
+    from .commands.plot import run_plot
 
     return run_plot(list(runs), output_dir, save_path)
 
@@ -215,11 +231,11 @@ def runs_command(output_dir, sort, as_json):
     """A table of the run folders in --output-dir.
 
     One line per folder: model, recipe, status (running, completed, early-stopped,
-    preempted, diverged, or interrupted: killed without a word), epochs, best validation
-    accuracy and its epoch, test accuracy, training time, processes, precision, and what
-    is wrong with a damaged folder.
+    preempted, write-failed: stopped by a full disk or a failing write, diverged, or
+    interrupted: killed without a word), epochs, best validation accuracy and its epoch, test
+    accuracy, training time, processes, precision, and what is wrong with a damaged folder.
     """
-    from .runs_table import run_runs
+    from .commands.runs import run_runs
 
     return run_runs(output_dir, sort, as_json)
 
@@ -263,7 +279,7 @@ def predict_command(
     checkpoint, run_dir, output_dir, data_dir, index, image_path, invert, top, save_path, as_json
 ):
     """Classify one test image (--index) or a picture file (--image)."""
-    from .predict import run_predict
+    from .commands.predict import run_predict
 
     if (index is None) == (image_path is None):
         raise click.UsageError("give exactly one of --index N or --image FILE")
@@ -290,7 +306,6 @@ def run_cli(command: click.Command, argv: list[str] | None, prog_name: str) -> N
     group prints its help.
     """
     args = sys.argv[1:] if argv is None else list(argv)
-    errors.PROGRAM = prog_name
     try:
         code = _invoke(command, args, prog_name)
         sys.stdout.flush()
@@ -299,7 +314,7 @@ def run_cli(command: click.Command, argv: list[str] | None, prog_name: str) -> N
             raise  # not the reader of our output going away: a bug worth its traceback
         _die_of_closed_pipe()
     if code not in (0, EXIT_PEER_FAILED):  # a restart would only do the same again
-        elastic.remember_deliberate_exit(code)
+        restarts.remember_deliberate_exit(code)
     _exit(code)
 
 
@@ -323,14 +338,6 @@ def _invoke(command: click.Command, args: list[str], prog_name: str) -> int:
         if not exc.reported:
             _error_line(prog_name, str(exc), every_rank=exc.every_rank_says_it)
         return exc.exit_code
-    except RuntimeError as exc:
-        from .hardware import collective_failure
-
-        failure = collective_failure(exc)  # another process hung or died: one line, not a trace
-        if failure is None:
-            raise
-        _error_line(prog_name, str(failure), every_rank=True)
-        return failure.exit_code
 
 
 # click 8.2 raises this for a group called without a command; older click exits 0 itself.
@@ -387,7 +394,7 @@ def _exit(code: int) -> None:
 def _error_line(prog_name: str, message: str, every_rank: bool = False) -> None:
     # Under a multi-process launcher every rank hits the same error: say it once.
     if every_rank or os.environ.get("RANK", "0") == "0":
-        print(f"{prog_name}: error: {message}", file=sys.stderr)
+        print(error_line(prog_name, message), file=sys.stderr)
 
 
 def main() -> None:

@@ -11,12 +11,11 @@ EXIT_PEER_FAILED = 4  # another process of a multi-process run hung or died
 EXIT_WRITE_FAILED = 74  # a file could not be written (disk full...); older files intact (EX_IOERR)
 EXIT_PREEMPTED = 75  # a stop signal arrived; resume state saved (EX_TEMPFAIL: try again)
 
-# The name that error lines start with; the command-line entry point sets it.
-PROGRAM = "fmnist-accel"
 
-
-def error_line(message: str) -> str:
-    return f"{PROGRAM}: error: {message}"
+def error_line(program: str, message: str) -> str:
+    """The one line a user error is: `fmnist-accel: error: ...` (program: the command's name
+    as it was called, e.g. `python -m fmnist_accel.train`)."""
+    return f"{program}: error: {message}"
 
 
 class UserError(Exception):
@@ -24,7 +23,7 @@ class UserError(Exception):
 
     exit_code = EXIT_USER_ERROR
     every_rank_says_it = False  # else only the main process prints it (every rank has it)
-    reported = False  # already printed (agreement.py), before every rank exits together
+    reported = False  # already printed (cluster/shared_errors.py) before every rank exits
 
 
 class TrainingDiverged(UserError):

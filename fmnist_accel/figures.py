@@ -1,6 +1,6 @@
 """Pictures of a checkpoint's evaluation: the confusion matrix, per-class accuracy and its
-most confident mistakes. Drawn from an `eval` report (evaluate.eval_report), so the picture
-and `eval --json` come from the same counts.
+most confident mistakes. Drawn from an `eval` report (engine/evaluation.eval_report), so the
+picture and `eval --json` come from the same counts.
 
 matplotlib is imported inside the functions (`fmnist-accel --help` must not pay for it) and
 used through its Agg canvas, never pyplot: no display, no global figure state, the same
@@ -10,10 +10,10 @@ pixels on a laptop and on a headless cluster node.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from .store.atomic import atomic_write
 
 DPI = 100
 # Figure sizes in inches; at DPI these are the PNG sizes in pixels (tests check them).
@@ -24,8 +24,6 @@ SIZES = {
 }
 MISTAKE_ROWS, MISTAKE_COLUMNS = 4, 6
 MISTAKES_SHOWN = MISTAKE_ROWS * MISTAKE_COLUMNS
-UMASK = os.umask(0)
-os.umask(UMASK)
 
 
 def new_figure(name: str, layout: str | None = "constrained"):
@@ -168,21 +166,13 @@ def description(report: dict, mistakes: list) -> str:
 
 
 def save_figure(figure, path: Path, text: str = "") -> None:
-    """Write figure in the format its suffix names (png, pdf, svg) via a temporary file
-    renamed over path: a kill leaves either the old picture or the new one. text: stored
-    in a PNG as its Description."""
+    """Write figure in the format its suffix names (png, pdf, svg), atomically: a kill leaves
+    either the old picture or the new one; a failed write is WriteFailed, one line. text:
+    stored in a PNG as its Description."""
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower()
     metadata = {"Description": text} if fmt == "png" else None
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        figure.savefig(tmp, format=fmt, dpi=DPI, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600 files; give the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format=fmt, dpi=DPI, metadata=metadata))
 
 
 def save_eval_figures(report: dict, mistakes: list, folder: Path) -> dict[str, str]:

@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from fakedata import fake_split
+from support.fakedata import fake_split
 from torch import nn
 
-from fmnist_accel.data import Split
-from fmnist_accel.device_data import (
+from fmnist_accel.engine.data import Split
+from fmnist_accel.engine.device_data import (
     CROP_PADDING,
     EvalSet,
     TrainStream,
@@ -19,7 +19,7 @@ from fmnist_accel.device_data import (
     epoch_indices,
     seeded_generator,
 )
-from fmnist_accel.engine import evaluate
+from fmnist_accel.engine.evaluation import evaluate
 
 
 def images(n: int = 64) -> torch.Tensor:

@@ -21,30 +21,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
-    CLI,
-    N_TEST,
-    N_TRAIN,
-    assert_one_line_error,
-    cli_env,
-    file_digests,
-    run_command,
-)
-from fakedata import idx_bytes, write_fashion_dir
-from launching import FAULTS
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from support.errors import assert_one_line_error
+from support.fakedata import N_TEST, N_TRAIN, idx_bytes, write_fashion_dir
+from support.files import file_digests
+from support.processes import CLI, HARNESS, process_env, run_command
 from test_picture import png_bytes
 
-from fmnist_accel.checkpoint import METADATA_KEY, load_model_checkpoint, load_resume_state
-from fmnist_accel.data import ALL_FILES, raw_dir
+from fmnist_accel.engine.data import ALL_FILES, raw_dir
+from fmnist_accel.engine.trained_model import model_from_checkpoint
 from fmnist_accel.errors import (
     EXIT_DIVERGED,
     EXIT_PEER_FAILED,
     EXIT_USER_ERROR,
     EXIT_WRITE_FAILED,
 )
-from fmnist_accel.trained_model import model_from_checkpoint
+from fmnist_accel.store.checkpoint import METADATA_KEY, load_model_checkpoint, load_resume_state
 
 TRAIN_FAST = ("--model", "mlp", "--epochs", "1", "--batch-size", "64")
 
@@ -340,9 +333,9 @@ def test_run_killed_in_its_first_epoch_started_again_by_name(ws, cli):
     """Killed in epoch 1, before any state was saved: a plain rerun with the same --run-name
     refuses to overwrite the folder, and says how to continue it; --resume RUN (which used
     to fail: no resume.pt) trains it again in its own folder."""
-    proc = run_command([sys.executable, FAULTS, *TRAIN_FAST, "--batch-size", "32", "--data-dir",
+    proc = run_command([sys.executable, HARNESS, *TRAIN_FAST, "--batch-size", "32", "--data-dir",
                         ws.data, "--output-dir", ws.runs, "--run-name", "killed"],
-                       cwd=ws.root, env=cli_env(FAULT_KILL_STEP="2"))  # fmt: skip
+                       cwd=ws.root, env=process_env(FAULT_KILL_STEP="2"))  # fmt: skip
     killed = ws.runs / "killed"
     assert proc.rc == -signal.SIGKILL and not (killed / "resume.pt").exists(), str(proc)
     before = ws.snapshot()

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from fakedata import write_fashion_dir
-from launching import evaluate_json, metrics, summary, train, why
 from safetensors.torch import load_file
+from support.fakedata import write_fashion_dir
+from support.processes import evaluate_json, metrics, summary, train, why
 
 # BatchNorm layers with nothing random before them: conv1's and conv2's.
 DETERMINISTIC_BN = ("conv1.1", "conv2.1")

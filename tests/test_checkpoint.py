@@ -1,32 +1,30 @@
-"""Checkpoint files: atomic writes, round trips, and one-line errors for anything else."""
+"""Checkpoint files and the resume state: round trips, and one-line errors for anything else
+(their atomic writes: test_atomic_writes.py)."""
 
 from __future__ import annotations
 
 import json
 import os
 import pickle
-import re
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import one_line
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+from support.errors import one_line
 
-from fmnist_accel.checkpoint import (
+from fmnist_accel.config import TrainConfig
+from fmnist_accel.engine.models import build_model
+from fmnist_accel.engine.trained_model import model_from_checkpoint
+from fmnist_accel.errors import UserError
+from fmnist_accel.store.checkpoint import (
     FORMAT,
     METADATA_KEY,
-    atomic_write,
-    atomic_write_text,
     load_model_checkpoint,
     load_resume_state,
     save_model_checkpoint,
     save_resume_state,
 )
-from fmnist_accel.config import TrainConfig
-from fmnist_accel.errors import UserError, WriteFailed
-from fmnist_accel.models import build_model
-from fmnist_accel.trained_model import model_from_checkpoint
 
 
 def tmp_leftovers(folder: Path) -> list[str]:
@@ -34,7 +32,7 @@ def tmp_leftovers(folder: Path) -> list[str]:
 
 
 def resume_state(model: torch.nn.Module, optimizer) -> dict:
-    """A complete resume state of one process, as train.save_resume writes it."""
+    """A complete resume state of one process, as run/outputs.save_resume writes it."""
     return {
         "config": TrainConfig(model="mlp").to_dict(),
         "epoch": 1,
@@ -63,50 +61,6 @@ def mlp_checkpoint(path: Path, seed: int = 0, **meta) -> torch.nn.Module:
 
 
 # ------------------------------------------------------------------------------------------
-# Atomic writes
-# ------------------------------------------------------------------------------------------
-def test_atomic_write_replaces_the_old_file_and_leaves_no_temp(tmp_path):
-    target = tmp_path / "last.safetensors"
-    atomic_write_text(target, "old")
-    old_inode = target.stat().st_ino
-    atomic_write_text(target, "new")
-    assert target.read_text() == "new"
-    assert target.stat().st_ino != old_inode  # a new file renamed over, not rewritten in place
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.safetensors"]
-    umask = os.umask(0)
-    os.umask(umask)
-    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
-
-
-def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
-    target = tmp_path / "best.safetensors"
-    atomic_write_text(target, "good")
-
-    def half_then_fail(tmp: str) -> None:
-        Path(tmp).write_text("half")
-        raise OSError(28, "No space left on device")
-
-    with pytest.raises(WriteFailed) as failed:
-        atomic_write(target, half_then_fail)
-    message = one_line(failed)
-    assert f"cannot write {target}: No space left on device (" in message
-    assert re.search(r"\(\d+(\.\d)? (GB|MB|kB|bytes) free there\)", message), message
-    assert target.read_text() == "good"
-    assert tmp_leftovers(tmp_path) == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors"]
-
-
-def test_checkpoint_overwrite_is_atomic(tmp_path):
-    path = tmp_path / "last.safetensors"
-    mlp_checkpoint(path, seed=0)
-    first = load_file(path)
-    second_model = mlp_checkpoint(path, seed=1)
-    second = load_file(path)
-    assert not torch.equal(first["net.1.weight"], second["net.1.weight"])
-    assert torch.equal(second["net.1.weight"], second_model.state_dict()["net.1.weight"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.safetensors"]
-
-
 # ------------------------------------------------------------------------------------------
 # Round trips
 # ------------------------------------------------------------------------------------------
@@ -283,47 +237,3 @@ def test_bad_resume_state(tmp_path, kind):
     with pytest.raises(UserError) as exc:
         load_resume_state(path)
     assert str(path) in one_line(exc)
-
-
-def test_checkpoint_writes_go_through_one_temporary_file_of_ours(tmp_path):
-    """Every name that appears in the folder while checkpoints are written is the target or
-    atomic_write's .<target>.<random>.tmp. safetensors' save_file writes through a
-    .tmpXXXXXX file of its own first: a kill during it left that file behind, unknown to the
-    cleanup of the time (rundir.TEMP_FILE_PATTERNS now also removes such leftovers)."""
-    import threading
-
-    seen: set[str] = set()
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            seen.update(os.listdir(tmp_path))
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
-        for seed in range(3):  # 40 MB each: long enough writes to be seen
-            save_model_checkpoint(
-                tmp_path / "last.safetensors", {"w": torch.full((10_000_000,), float(seed))}, {}
-            )
-    finally:
-        done.set()
-        watcher.join()
-    temporary = seen - {"last.safetensors"}
-    assert temporary, "the watcher saw no temporary file: it proves nothing"
-    others = [n for n in temporary if not Path(n).match(".last.safetensors.*.tmp")]
-    assert others == [], others
-
-
-@pytest.mark.parametrize("text", ["[1, 2]", '"completed"', "{bad json", "\xff\xfe"])
-def test_run_files_edited_into_something_else_read_as_missing(tmp_path, text):
-    """summary.json or config.json edited into a list, a string or garbage: read_json gives
-    None (as for a missing file), so no caller meets a list where it expects an object (a
-    summary.json holding a list made `train --resume` fail with an AttributeError)."""
-    from fmnist_accel.rundir import read_json, run_status
-
-    (tmp_path / "summary.json").write_bytes(text.encode("latin-1"))
-    assert read_json(tmp_path / "summary.json") is None
-    assert run_status(tmp_path) is None
-    (tmp_path / "summary.json").write_text('{"status": "completed"}')
-    assert run_status(tmp_path) == "completed"

@@ -9,14 +9,14 @@ import shutil
 
 import pytest
 import torch
-from conftest import N_TEST, N_TRAIN, file_digests
-from fakedata import fake_split
+from support.fakedata import N_TEST, N_TRAIN, fake_split
+from support.files import file_digests
 
-from fmnist_accel.checkpoint import load_model_checkpoint
 from fmnist_accel.config import TrainConfig
-from fmnist_accel.data import CLASS_NAMES
-from fmnist_accel.device_data import normalise
-from fmnist_accel.trained_model import model_from_checkpoint
+from fmnist_accel.engine.data import CLASS_NAMES
+from fmnist_accel.engine.device_data import normalise
+from fmnist_accel.engine.trained_model import model_from_checkpoint
+from fmnist_accel.store.checkpoint import load_model_checkpoint
 
 EPOCH_KEYS = ("train_loss", "valid_loss", "valid_accuracy", "lr", "epoch_time", "images_per_sec")
 

@@ -6,8 +6,7 @@ import signal
 import subprocess
 
 import pytest
-from conftest import BIN, CLI, cli_env, run_command
-from launching import REPO
+from support.processes import BIN, CLI, REPO, process_env, run_command
 
 
 def test_bare_command_shows_its_help(cli):
@@ -28,7 +27,7 @@ def run_into_closed_pipe(args: list, cwd) -> tuple[int, str]:
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         cwd=cwd,
-        env=cli_env(),
+        env=process_env(),
         text=True,
     )
     proc.stdout.close()  # long before the interpreter has started and written anything
@@ -57,7 +56,7 @@ def test_the_one_process_launch_config_needs_no_accelerate_config_and_is_quiet(t
     "values were not passed" warning, no threads note, no launcher traceback)."""
     empty = tmp_path / "empty"
     empty.mkdir()
-    env = cli_env(HF_HOME=str(tmp_path / "no-accelerate-config"))
+    env = process_env(HF_HOME=str(tmp_path / "no-accelerate-config"))
     env.pop("OMP_NUM_THREADS")  # as a user's shell has it: a CPU config would make a note
     res = run_command(
         [

@@ -11,8 +11,8 @@ import pytest
 import torch
 from rich.console import Console
 
-from fmnist_accel import hardware
-from fmnist_accel.console import Reporter, clock
+from fmnist_accel.cluster import accelerator as hardware
+from fmnist_accel.run.console import Reporter, clock
 
 
 # ------------------------------------------------------------------------------------------
@@ -178,7 +178,7 @@ def test_the_stop_message_clears_the_bar_line_only_while_the_parent_lives(monkey
     """On a terminal the message replaces the progress bar's line; once the launcher that
     started the run has died of the same Ctrl-C, that line is the shell's prompt: the message
     goes below it instead. In a log file, the bare line."""
-    from fmnist_accel import preemption
+    from fmnist_accel.cluster import stop_signals as preemption
 
     written, tty, parent = [], [True], [preemption._PARENT]
     fake_os = SimpleNamespace(

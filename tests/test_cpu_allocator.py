@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from fmnist_accel.hardware import USER_MALLOC_SETTINGS
+from fmnist_accel.cluster.accelerator import USER_MALLOC_SETTINGS
 
 pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
 
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc
 # allocations thousands of times.
 FAULTS = """
 import resource, sys, torch
-from fmnist_accel.hardware import keep_large_allocations_in_heap
+from fmnist_accel.cluster.accelerator import keep_large_allocations_in_heap
 print("TUNED", keep_large_allocations_in_heap() if sys.argv[1] == "tune" else "no")
 for _ in range(20):
     torch.ones(1 << 24)

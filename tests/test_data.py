@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import N_TEST, N_TRAIN, listing, one_line
-from fakedata import fake_split, idx_bytes, write_fashion_dir
+from support.errors import one_line
+from support.fakedata import N_TEST, N_TRAIN, fake_split, idx_bytes, write_fashion_dir
+from support.files import listing
 
-from fmnist_accel.data import (
+from fmnist_accel.engine.data import (
     ALL_FILES,
     IMAGES_MAGIC,
     LABELS_MAGIC,

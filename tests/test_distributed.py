@@ -12,22 +12,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from fakedata import write_fashion_dir
-from launching import (
+from safetensors.torch import load_file
+from support.fakedata import write_fashion_dir
+from support.processes import (
     BIN,
-    FAULTS,
-    child_env,
+    HARNESS,
     evaluate_json,
     free_port,
     launch_command,
     metrics,
-    run,
+    process_env,
+    run_command,
     summary,
     train,
     wait_for_port,
     why,
 )
-from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +83,7 @@ def test_unconnected_processes_are_refused(tmp_path):
     script = tmp_path / "plain.py"
     script.write_text(
         "import sys\n"
-        "import fmnist_accel.hardware as hardware\n"
+        "import fmnist_accel.cluster.accelerator as hardware\n"
         "from fmnist_accel.errors import UserError\n"
         "hardware.wants_cpu = lambda: False  # what a plain Accelerator() does\n"
         "try:\n"
@@ -94,7 +94,7 @@ def test_unconnected_processes_are_refused(tmp_path):
         "sys.stdout.write(line + '\\n')  # one write: the two ranks share the pipe\n"
         "sys.stdout.flush()\n"
     )
-    proc = run(launch_command(2, [str(script)]))
+    proc = run_command(launch_command(2, [str(script)]))
     assert proc.returncode == 0, why(proc)
     assert proc.stdout.count("REFUSED: the launcher started 2 processes") == 2, proc.stdout
     assert "JOINED" not in proc.stdout
@@ -205,7 +205,7 @@ def test_one_and_two_processes_agree_at_the_same_global_batch(data_dir, tmp_path
 
 def test_two_machines_on_localhost_train_together(data_dir, tmp_path):
     port = free_port()
-    env = child_env(ACCELERATE_USE_CPU="1")
+    env = process_env(ACCELERATE_USE_CPU="1")
     procs = []
     for machine_rank in (0, 1):
         cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_machines", "2",
@@ -271,8 +271,8 @@ def test_stop_signal_to_one_rank_stops_all_and_resumes(data_dir, tmp_path):
         "1",
         *common(data_dir, tmp_path, "sig"),
     ]
-    env = child_env(FAULT_PID_DIR=str(pid_dir))
-    proc = subprocess.Popen(launch_command(2, [str(FAULTS), *args]), env=env,
+    env = process_env(FAULT_PID_DIR=str(pid_dir))
+    proc = subprocess.Popen(launch_command(2, [str(HARNESS), *args]), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     deadline = time.time() + 120
     while not (tmp_path / "sig" / "metrics.jsonl").exists():

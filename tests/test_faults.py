@@ -25,32 +25,32 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import N_TEST, N_TRAIN, run_command
-from fakedata import write_fashion_dir
-from launching import (
+from safetensors.torch import save_file
+from support.fakedata import N_TEST, N_TRAIN, write_fashion_dir
+from support.processes import (
     BIN,
-    FAULTS,
+    HARNESS,
     REPO,
     assert_same_training,
-    child_env,
     free_port,
     launch_command,
     metrics,
+    process_env,
+    run_command,
     summary,
     train,
     wait_for_port,
     why,
 )
-from safetensors.torch import save_file
 
-from fmnist_accel.checkpoint import METADATA_KEY, load_model_checkpoint
 from fmnist_accel.errors import EXIT_PEER_FAILED, EXIT_WRITE_FAILED
+from fmnist_accel.store.checkpoint import METADATA_KEY, load_model_checkpoint
 
 pytestmark = pytest.mark.slow
 
 EPOCHS = 3
 STEPS_PER_EPOCH = 10  # 500 training images, 2 processes at batch 25 (or 1 at batch 50)
-SLOW_START = REPO / "tests" / "slow_start.py"
+SLOW_START = REPO / "tests" / "support" / "slow_start.py"
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +111,10 @@ def test_killed_rank_is_restarted_and_the_run_ends_as_if_never_interrupted(
     after epoch 1, and the job ends by itself with exit 0 and the reference's results."""
     out = tmp_path / "runs"
     killed = tmp_path / "killed"  # created by the fault just before its SIGKILL
-    env = child_env(
+    env = process_env(
         FAULT_ONLY_RANK="1", FAULT_KILL_STEP=str(STEPS_PER_EPOCH + 4), FAULT_ONCE_FILE=str(killed)
     )
-    proc = launch(2, [str(FAULTS), *options(data_dir, out)], env, max_restarts=2)
+    proc = launch(2, [str(HARNESS), *options(data_dir, out)], env, max_restarts=2)
     assert proc.returncode == 0, why(proc)
     assert killed.exists()  # the kill did happen
     # The launcher reports whichever rank it sees fail first: the killed rank 1 (-9), or
@@ -134,7 +134,7 @@ def test_killed_rank_on_one_of_two_machines_is_restarted(data_dir, reference, tm
     it, torch 2.14 reuses the rendezvous store and the restarted group cannot connect). Rank 1
     is killed in epoch 2: both launchers restart, and the run ends as if never interrupted."""
     port = free_port()
-    env = child_env(
+    env = process_env(
         ACCELERATE_USE_CPU="1",
         TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",
         FAULT_ONLY_RANK="1",
@@ -147,7 +147,7 @@ def test_killed_rank_on_one_of_two_machines_is_restarted(data_dir, reference, tm
         cmd = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_machines", "2",
                "--machine_rank", str(machine_rank), "--num_processes", "2",
                "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
-               "--rdzv_backend", "c10d", "--max_restarts", "2", str(FAULTS), *args]  # fmt: skip
+               "--rdzv_backend", "c10d", "--max_restarts", "2", str(HARNESS), *args]  # fmt: skip
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))  # fmt: skip
         if machine_rank == 0:
@@ -168,12 +168,12 @@ def test_hung_rank_stops_the_others_at_the_collective_timeout_and_the_group_rest
     the stopped rank and restarts the group, which finishes the run."""
     out, pids = tmp_path / "runs", tmp_path / "pids"
     pids.mkdir()
-    env = child_env(
+    env = process_env(
         FAULT_ONLY_RANK="1", FAULT_STOP_STEP=str(STEPS_PER_EPOCH + 4), FAULT_PID_DIR=str(pids)
     )
     args = [*options(data_dir, out), "--run-name", "hung", "--collective-timeout", "5"]
     try:
-        proc = launch(2, [str(FAULTS), *args], env, max_restarts=1)
+        proc = launch(2, [str(HARNESS), *args], env, max_restarts=1)
     finally:
         for pid_file in pids.glob("rank*.pid"):  # a stopped rank must not outlive the test
             kill_if_still_stopped(int(pid_file.read_text()))
@@ -194,7 +194,7 @@ def kill_if_still_stopped(pid: int) -> None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return  # gone: the launcher killed it
-    if stat.rsplit(")", 1)[1].split()[0] == "T" and str(FAULTS).encode() in cmdline:
+    if stat.rsplit(")", 1)[1].split()[0] == "T" and str(HARNESS).encode() in cmdline:
         os.kill(pid, signal.SIGKILL)
 
 
@@ -207,7 +207,7 @@ def test_a_deliberate_exit_is_not_restarted(tmp_path):
             "--lr", "1e5", "--batch-size", str(N_TRAIN // 4), "--valid-size", "0",
             "--scheduler", "none", "--no-early-stopping", "--data-dir", str(data),
             "--output-dir", str(tmp_path / "runs"), "--run-name", "boom"]  # fmt: skip
-    proc = launch(2, ["-m", "fmnist_accel.train", *args], child_env(), max_restarts=2)
+    proc = launch(2, ["-m", "fmnist_accel.train", *args], process_env(), max_restarts=2)
     assert proc.returncode != 0, why(proc)
     said = error_lines(proc.stderr)
     assert len(said) == 1 and "non-finite" in said[0], proc.stderr[-3000:]
@@ -306,10 +306,10 @@ def test_full_disk_stops_with_one_line_and_resume_finishes_the_run(
 # Temporary files
 # ------------------------------------------------------------------------------------------
 LEFTOVERS = (
-    ".last.safetensors.k3j2h1.tmp",  # checkpoint.atomic_write
+    ".last.safetensors.k3j2h1.tmp",  # atomic.atomic_write
     ".resume.pt.x9y8z7.tmp",
     ".tmpAb3xYz",  # safetensors' save_file (Rust tempfile), as older versions wrote it
-    ".write-test-4242",  # rundir.check_writable's probe
+    ".write-test-4242",  # run_folder.check_writable's probe
 )
 
 
@@ -339,21 +339,21 @@ def test_no_temporary_file_survives_a_resume(tiny_run, tmp_path, how):
 # ------------------------------------------------------------------------------------------
 def test_eval_and_predict_errors_on_several_processes_are_one_line_every_time(tmp_path):
     """A checkpoint that is not one, evaluated on 2 processes, 5 times: 3 plain launches and
-    2 with the main process starting 3 s late (tests/slow_start.py), the case where rank 1
+    2 with the main process starting 3 s late (tests/support/slow_start.py), the case where rank 1
     meets the error first; the launcher used to stop the main process before it printed.
     Then predict, with the main process late too."""
     bad = tmp_path / "bad.safetensors"
     bad.write_text("not weights\n")
     expected = f"fmnist-accel: error: {bad} is not a readable checkpoint"
     for slow in ("0", "0", "0", "3", "3"):
-        env = child_env(SLOW_START=slow)
+        env = process_env(SLOW_START=slow)
         proc = launch(2, [str(SLOW_START), "eval", str(bad), "--json"], env, max_restarts=None)
         assert proc.returncode != 0
         said = error_lines(proc.stderr)
         assert len(said) == 1 and said[0].startswith(expected), f"slow {slow}: {proc.stderr}"
         assert proc.stdout.strip() == ""
     proc = launch(2, [str(SLOW_START), "predict", str(bad), "--index", "0"],
-                  child_env(SLOW_START="3"), max_restarts=None)  # fmt: skip
+                  process_env(SLOW_START="3"), max_restarts=None)  # fmt: skip
     said = error_lines(proc.stderr)
     assert len(said) == 1 and said[0].startswith(expected), proc.stderr
 
@@ -361,7 +361,7 @@ def test_eval_and_predict_errors_on_several_processes_are_one_line_every_time(tm
 def test_predict_on_several_processes_answers_once(tiny_run):
     proc = launch(2, ["-m", "fmnist_accel", "predict", "best", "--run-dir",
                       str(tiny_run.run_dir), "--index", "3", "--json"],
-                  child_env(), max_restarts=None)  # fmt: skip
+                  process_env(), max_restarts=None)  # fmt: skip
     assert proc.returncode == 0, why(proc)
     [line] = [x for x in proc.stdout.splitlines() if x.startswith("{")]
     assert json.loads(line)["source"] == "test image 3"
@@ -391,7 +391,7 @@ def test_error_of_a_process_cannot_be_lost_to_a_faster_one(tmp_path):
     at once with the same code instead of repeating it."""
     bad = tmp_path / "bad.safetensors"
     bad.write_text("not weights\n")
-    proc = launch(2, [str(SLOW_START), "eval", str(bad)], child_env(SLOW_START="3"),
+    proc = launch(2, [str(SLOW_START), "eval", str(bad)], process_env(SLOW_START="3"),
                   max_restarts=2)  # fmt: skip
     said = error_lines(proc.stderr)
     assert len(said) == 1 and "is not a readable checkpoint" in said[0], proc.stderr

@@ -1,55 +1,18 @@
-"""Pictures of a checkpoint's mistakes: drawn from the same counts as `eval --json`, written
-as PNG files by `eval --save-figures` (on one and on two processes), and logged into the
-run's TensorBoard when training ends."""
+"""Pictures of a checkpoint's evaluation: drawn from the same counts as `eval --json`, written
+as PNG files by `eval --save-figures` (on one and on two processes). The pictures a training
+run ends with, in its TensorBoard: test_ending.py."""
 
 from __future__ import annotations
 
-import io
-import json
-from pathlib import Path
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
-from conftest import CLI, TINY_RUN_ARGS, assert_one_line_error, run_command
-from launching import evaluate_json, train, why
 from PIL import Image
+from support.errors import assert_one_line_error
+from support.pictures import FIGURE_NAMES, assert_picture, png_description
+from support.processes import CLI, evaluate_json, run_command
 
 from fmnist_accel import figures
-from fmnist_accel.data import CLASS_NAMES, load_split
-
-FIGURE_NAMES = ("confusion_matrix", "per_class_accuracy", "mistakes")
-
-
-def expected_size(name: str) -> tuple[int, int]:
-    width, height = figures.SIZES[name]
-    return round(width * figures.DPI), round(height * figures.DPI)
-
-
-def assert_picture(image: Image.Image, name: str) -> np.ndarray:
-    """A PNG of the figure's size with real content (many colours, not a blank canvas)."""
-    assert image.format == "PNG"
-    assert image.size == expected_size(name)
-    pixels = np.asarray(image.convert("RGB"))
-    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50, f"{name} is (nearly) uniform"
-    return pixels
-
-
-def png_description(path: Path) -> dict:
-    return json.loads(Image.open(path).text["Description"])
-
-
-@pytest.fixture(scope="module")
-def weak_run(readonly_data, tmp_path_factory):
-    """One epoch at a learning rate too small to learn: a checkpoint that makes mistakes."""
-    base = tmp_path_factory.mktemp("weak")
-    args = [*TINY_RUN_ARGS, "--epochs", "1", "--lr", "1e-6", "--run-name", "weak"]
-    result = run_command(
-        [CLI, "train", *args, "--data-dir", readonly_data.path, "--output-dir", base / "runs"],
-        cwd=base,
-    )
-    assert result.rc == 0, str(result)
-    return base / "runs" / "weak"
+from fmnist_accel.engine.data import CLASS_NAMES, load_split
 
 
 def synthetic_report(counts: list[list[int]]) -> dict:
@@ -148,157 +111,3 @@ def test_save_figures_into_a_file_is_refused(weak_run, tmp_path):
     )
     assert_one_line_error(result, f"--save-figures {target} is a file")
     assert target.read_text() == "keep me"
-
-
-class FakeWriter:
-    """The TensorBoard writer's two calls that log_figures makes; `fail`: a full disk."""
-
-    def __init__(self, fail: bool = False):
-        self.images, self.fail = [], fail
-
-    def add_image(self, tag, pixels, step, dataformats):
-        if self.fail:
-            raise OSError(28, "No space left on device")
-        self.images.append((tag, pixels.shape, step, dataformats))
-
-    def flush(self):
-        pass
-
-
-def test_end_figures_are_drawn_and_written_by_the_main_process_alone(tmp_path):
-    """outputs.log_figures: the three figures at the last epoch's step and one line; nothing
-    on another rank; a writer that fails is one note, never an error of the ended run."""
-    import torch
-
-    from fmnist_accel import outputs
-    from fmnist_accel.data import Split
-    from fmnist_accel.engine import EvalResult
-    from fmnist_accel.mistakes import Mistake
-    from fmnist_accel.run_end import EndFigures
-
-    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2}\n')
-    counts = [[20 if i == j else 1 for j in range(10)] for i in range(10)]
-    n = sum(map(sum, counts))
-    result = EvalResult(loss=0.5, accuracy=200 / n, num_samples=n, confusion=counts)
-    split = Split(torch.zeros(n, 28, 28, dtype=torch.uint8), torch.zeros(n, dtype=torch.int64))
-    mistakes = [Mistake(index=3, true=0, predicted=1, confidence=0.9)]
-    meta = {"model": "mlp", "epoch": 2}
-    figures = EndFigures(tmp_path / "best.safetensors", meta, "test", split, result, mistakes, 1)
-    said = []
-
-    def session(writer, main=True):
-        accelerator = SimpleNamespace(is_main_process=main, get_tracker=lambda name, unwrap: writer)
-        reporter = SimpleNamespace(print=said.append)
-        return SimpleNamespace(accelerator=accelerator, run_dir=tmp_path, reporter=reporter)
-
-    writer = FakeWriter()
-    outputs.log_figures(session(writer, main=False), figures)
-    outputs.log_figures(session(writer), None)  # nothing to draw: the note was said before
-    assert writer.images == [] and said == []
-    outputs.log_figures(session(writer), figures)
-    assert writer.images == [
-        (f"Figures/test/{name}", (*reversed(expected_size(name)), 3), 2, "HWC")
-        for name in FIGURE_NAMES
-    ]
-    assert said == ["figures of best.safetensors on the test split: TensorBoard, Images"]
-    said.clear()
-    outputs.log_figures(session(FakeWriter(fail=True)), figures)
-    assert said == ["note: no figures in TensorBoard: OSError: [Errno 28] No space left on device"]
-
-
-def test_training_logs_the_figures_of_its_best_checkpoint_to_tensorboard(weak_run, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
-
-    events = EventAccumulator(str(weak_run / "tensorboard"), size_guidance={IMAGES: 0})
-    events.Reload()
-    tags = {f"Figures/test/{name}": name for name in FIGURE_NAMES}
-    assert set(tags) <= set(events.Tags()["images"])
-    for tag, name in tags.items():
-        (image,) = events.Images(tag)
-        assert image.step == 1  # the last finished epoch
-        assert (image.width, image.height) == expected_size(name)
-        assert_picture(Image.open(io.BytesIO(image.encoded_image_string)), name)
-
-    # They show the best checkpoint on the test split: the same pixels as eval draws.
-    result = run_command(
-        [CLI, "eval", "best", "--run-dir", weak_run, "--save-figures", tmp_path], cwd=tmp_path
-    )
-    assert result.rc == 0, str(result)
-    (logged,) = events.Images("Figures/test/confusion_matrix")
-    from_tensorboard = np.asarray(Image.open(io.BytesIO(logged.encoded_image_string)))
-    from_eval = np.asarray(Image.open(tmp_path / "confusion_matrix.png").convert("RGB"))
-    assert (from_tensorboard[..., :3] == from_eval).all()
-
-
-def test_the_final_tests_evaluation_serves_the_figures_only_when_they_would_make_it():
-    from fmnist_accel.run_end import evaluates_as_figures
-
-    def final_test(split_name="test", data_dir="/d", batch_size=512, **config):
-        """An evaluation made with these settings, of a checkpoint whose config says config."""
-        config = {"data_dir": "/d", "eval_batch_size": 512, "channels_last": True, **config}
-        return SimpleNamespace(
-            meta={"config": config}, split_name=split_name, data_dir=data_dir,
-            batch_size=batch_size, channels_last=True,
-        )  # fmt: skip
-
-    assert evaluates_as_figures(final_test())
-    assert not evaluates_as_figures(final_test(split_name="valid"))
-    # A resumed run may read another folder or use another batch size than its checkpoint's.
-    assert not evaluates_as_figures(final_test(data_dir="/moved"))
-    assert not evaluates_as_figures(final_test(eval_batch_size=1024))
-    # The final test evaluates channels_last, as eval does; the figures as the run trained.
-    assert not evaluates_as_figures(final_test(channels_last=False))
-
-
-def test_figures_without_a_final_test_to_reuse_are_the_same(weak_run, readonly_data, tmp_path):
-    """weak_run's figures reuse its final test's evaluation; with --no-final-test the same
-    run evaluates for its figures alone: the same images."""
-    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
-
-    args = [*TINY_RUN_ARGS, "--epochs", "1", "--lr", "1e-6", "--run-name", "weak"]
-    result = run_command(
-        [CLI, "train", *args, "--no-final-test", "--data-dir", readonly_data.path,
-         "--output-dir", tmp_path],
-        cwd=tmp_path,
-    )  # fmt: skip
-    assert result.rc == 0, str(result)
-    assert "figures of best.safetensors on the test split: TensorBoard, Images" in result.stdout
-    logged = []
-    for run in (weak_run, tmp_path / "weak"):
-        events = EventAccumulator(str(run / "tensorboard"), size_guidance={IMAGES: 0})
-        events.Reload()
-        logged.append(
-            {
-                name: np.asarray(Image.open(io.BytesIO(image.encoded_image_string)))
-                for name in FIGURE_NAMES
-                for image in events.Images(f"Figures/test/{name}")
-            }
-        )
-    assert logged[0].keys() == logged[1].keys() == set(FIGURE_NAMES)
-    for name in FIGURE_NAMES:
-        assert (logged[0][name] == logged[1][name]).all(), name
-
-
-@pytest.mark.slow
-def test_two_process_training_logs_the_figures_of_the_exact_evaluation(readonly_data, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
-
-    args = [*TINY_RUN_ARGS, "--epochs", "1", "--lr", "1e-6", "--data-dir", str(readonly_data.path),
-            "--output-dir", str(tmp_path), "--run-name", "two"]  # fmt: skip
-    proc = train(2, args)
-    assert proc.returncode == 0, why(proc)
-    assert proc.stdout.count("figures of best.safetensors on the test split") == 1
-    events = EventAccumulator(str(tmp_path / "two" / "tensorboard"), size_guidance={IMAGES: 0})
-    events.Reload()
-    drawn = run_command(
-        [CLI, "eval", "best", "--run-dir", tmp_path / "two", "--json", "--save-figures",
-         tmp_path / "figs"],
-        cwd=tmp_path,
-    )  # fmt: skip
-    assert drawn.rc == 0, str(drawn)
-    assert drawn.json()["accuracy"] < 1  # there are mistakes to show
-    for name in FIGURE_NAMES:
-        (logged,) = events.Images(f"Figures/test/{name}")
-        by_ranks = np.asarray(Image.open(io.BytesIO(logged.encoded_image_string)))
-        by_eval = np.asarray(Image.open(tmp_path / "figs" / f"{name}.png").convert("RGB"))
-        assert (by_ranks[..., :3] == by_eval).all(), name

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fmnist_accel.config import MODEL_NAMES
-from fmnist_accel.models import MODELS, build_model, count_parameters
+from fmnist_accel.engine.models import MODELS, build_model, count_parameters
 
 
 def linear(n_in: int, n_out: int) -> int:
@@ -166,7 +166,7 @@ def test_unknown_model_name():
 @pytest.mark.parametrize("p", [0.2, 0.4, 0.5])
 def test_cpu_dropout_drops_a_fraction_p_and_scales_the_rest(p):
     """The CPU mask (a uniform draw compared with p) is torch's inverted dropout."""
-    from fmnist_accel.models import UniformMaskDropout
+    from fmnist_accel.engine.models import UniformMaskDropout
 
     torch.manual_seed(0)
     x = torch.rand(64, 32, 14, 14) + 1.0  # no zeros of its own
@@ -178,7 +178,7 @@ def test_cpu_dropout_drops_a_fraction_p_and_scales_the_rest(p):
 
 
 def test_cpu_dropout_keeps_dtype_and_memory_format_and_follows_the_seed():
-    from fmnist_accel.models import UniformMaskDropout
+    from fmnist_accel.engine.models import UniformMaskDropout
 
     x = torch.randn(16, 8, 7, 7).contiguous(memory_format=torch.channels_last)
     outputs = []
@@ -191,7 +191,7 @@ def test_cpu_dropout_keeps_dtype_and_memory_format_and_follows_the_seed():
 
 
 def test_cpu_dropout_gradient_is_the_same_mask():
-    from fmnist_accel.models import UniformMaskDropout
+    from fmnist_accel.engine.models import UniformMaskDropout
 
     torch.manual_seed(1)
     x = torch.randn(4, 100, requires_grad=True)
@@ -202,7 +202,7 @@ def test_cpu_dropout_gradient_is_the_same_mask():
 
 def test_cpu_dropout_draws_a_uniform_mask_not_torchs_bernoulli():
     """The speed comes from the uniform draw: the same seed gives exactly x * (u >= p) / (1-p)."""
-    from fmnist_accel.models import UniformMaskDropout
+    from fmnist_accel.engine.models import UniformMaskDropout
 
     x = torch.randn(32, 16, 14, 14)
     torch.manual_seed(5)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 
-from launching import REPO
+from support.processes import REPO
 
 
 def load_tool():

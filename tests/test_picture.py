@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from fmnist_accel.commands.picture import read_picture
 from fmnist_accel.errors import UserError
-from fmnist_accel.picture import read_picture
 
 PAPER, INK = 230, 30  # a dark item drawn on light paper
 

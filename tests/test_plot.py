@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import CLI, TINY_RUN_ARGS, assert_one_line_error, run_command
 from PIL import Image
+from support.errors import assert_one_line_error
+from support.fakedata import TINY_RUN_ARGS
+from support.processes import CLI, run_command
 
-from fmnist_accel import curves, figures
-from fmnist_accel.runinfo import RunInfo, read_run
+from fmnist_accel import figures
+from fmnist_accel.commands import plot as curves
+from fmnist_accel.store.run_info import RunInfo, read_run
 
 # matplotlib's first two colours, C0 and C1: one per run
 BLUE, ORANGE = (31, 119, 180), (255, 127, 14)

@@ -13,12 +13,12 @@ import json
 from pathlib import Path
 
 import pytest
-from fakedata import write_fashion_dir
-from launching import assert_same_training, metrics, summary, train, why
 from safetensors import safe_open
+from support.fakedata import write_fashion_dir
+from support.processes import assert_same_training, metrics, summary, train, why
 
 from fmnist_accel.config import MODEL_NAMES, TrainConfig, resolve_config
-from fmnist_accel.models import build_model, count_parameters
+from fmnist_accel.engine.models import build_model, count_parameters
 from fmnist_accel.recipes import RECIPES
 
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}

@@ -13,10 +13,10 @@ import signal
 from pathlib import Path
 
 import pytest
-from fakedata import write_fashion_dir
-from launching import BIN, assert_same_training, metrics, run, train, why
 from safetensors import safe_open
 from safetensors.torch import load_file
+from support.fakedata import write_fashion_dir
+from support.processes import BIN, assert_same_training, metrics, run_command, train, why
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +72,7 @@ def test_kills_at_several_points_resume_to_identical_results(data_dir, reference
 
     # 2. SIGKILL while last.safetensors of epoch 2 is half written (resume.pt of epoch 2 is
     # already saved): the old file survives.
-    proc = train(1, args, faults={"FAULT_KILL_WRITE": "last.safetensors:1"})
+    proc = train(1, args, faults={"TEAR_WRITE": "last.safetensors:1"})
     killed(proc, signal.SIGKILL)
     assert list(run.glob(".last.safetensors.*.tmp")), "the kill should come mid-write"
     meta = safe_open(run / "last.safetensors", "pt").metadata()
@@ -80,7 +80,7 @@ def test_kills_at_several_points_resume_to_identical_results(data_dir, reference
 
     # 3. The next start writes epoch 2's checkpoints again from resume.pt, trains epoch 3, and
     # is killed while resume.pt is half written.
-    proc = train(1, args, faults={"FAULT_KILL_WRITE": "resume.pt:1"})
+    proc = train(1, args, faults={"TEAR_WRITE": "resume.pt:1"})
     killed(proc, signal.SIGKILL)
     assert "resuming after epoch 2" in proc.stdout and "rewrote last" in proc.stdout
     meta = safe_open(run / "last.safetensors", "pt").metadata()
@@ -114,7 +114,7 @@ def test_compiled_model_checkpoints_load_and_resume(data_dir, tmp_path):
     for name in ("best", "last"):
         keys = load_file(tmp_path / "c" / f"{name}.safetensors").keys()
         assert keys and not any(k.startswith("_orig_mod.") for k in keys)
-    eval_proc = run(
+    eval_proc = run_command(
         [str(BIN / "fmnist-accel"), "eval", "last", "--run-dir", str(tmp_path / "c"), "--json"]
     )
     assert eval_proc.returncode == 0, eval_proc.stderr

@@ -1,11 +1,13 @@
 """`fmnist-accel runs`: every run folder with its status, read from real run folders (live,
-completed, preempted, diverged, killed) and from damaged ones, never with a traceback."""
+completed, preempted, diverged, killed, write-failed) and from damaged ones, never with a
+traceback."""
 
 from __future__ import annotations
 
 import fcntl
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,30 +15,36 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CLI, TINY_RUN_ARGS, assert_one_line_error, run_command
-from launching import FAULTS, child_env, train, why
+from support.errors import assert_one_line_error
+from support.fakedata import TINY_RUN_ARGS
+from support.processes import CLI, HARNESS, process_env, run_command, train, why
 
-from fmnist_accel import rundir, runinfo
+from fmnist_accel.store import layout, run_info
 
 
-def test_the_file_names_agree_with_rundir():
-    assert (runinfo.CONFIG, runinfo.METRICS, runinfo.SUMMARY) == (
-        rundir.CONFIG,
-        rundir.METRICS,
-        rundir.SUMMARY,
-    )
-    assert (runinfo.RESUME, runinfo.LOCK, runinfo.TENSORBOARD) == (
-        rundir.RESUME,
-        rundir.LOCK,
-        rundir.TENSORBOARD,
-    )
-    assert set(runinfo.ENDED_STATUSES) == {*rundir.FINISHED_STATUSES, "preempted"}
+def test_every_status_a_run_can_end_with_is_shown_as_it_is(tiny_run, tmp_path):
+    """Each status summary.json may hold (layout.STATUSES, the one vocabulary training writes
+    with) is shown as itself, write-failed included, and named in `runs --help`."""
+    out = tmp_path / "runs"
+    for status in layout.STATUSES:
+        shutil.copytree(tiny_run.run_dir, out / status)
+        summary = json.loads((out / status / "summary.json").read_text())
+        (out / status / "summary.json").write_text(json.dumps({**summary, "status": status}))
+        (out / status / "resume.pt").write_bytes(b"")  # what a stopped run leaves
+    listed = run_command([CLI, "runs", "--output-dir", out, "--json"], cwd=tmp_path)
+    assert listed.rc == 0, str(listed)
+    shown = {r["name"]: r for r in listed.json()}
+    assert {name: r["status"] for name, r in shown.items()} == {s: s for s in layout.STATUSES}
+    assert all(r["problems"] == [] for r in shown.values()), shown
+    help_text = run_command([CLI, "runs", "--help"], cwd=tmp_path).stdout
+    help_text = " ".join(re.sub(r"-\n\s*", "-", help_text).split())  # click wraps at hyphens
+    assert all(status in help_text for status in layout.STATUSES)
 
 
 def test_a_held_lock_is_seen_without_taking_any_lock(tmp_path, monkeypatch):
     lock = tmp_path / ".lock"
     lock.touch()
-    assert runinfo.lock_holder(lock) is None
+    assert run_info.lock_holder(lock) is None
     with open(lock, "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
@@ -44,9 +52,9 @@ def test_a_held_lock_is_seen_without_taking_any_lock(tmp_path, monkeypatch):
             raise AssertionError("runs must not try the lock: a starting trainer would fail")
 
         monkeypatch.setattr(fcntl, "flock", no_flock)
-        assert runinfo.lock_holder(lock) == os.getpid()
+        assert run_info.lock_holder(lock) == os.getpid()
         monkeypatch.undo()
-    assert runinfo.lock_holder(lock) is None  # closed: released
+    assert run_info.lock_holder(lock) is None  # closed: released
 
 
 def test_proc_locks_lines_that_are_not_a_holder_are_skipped(tmp_path):
@@ -61,9 +69,9 @@ def test_proc_locks_lines_that_are_not_a_holder_are_skipped(tmp_path):
         f"2: -> FLOCK  ADVISORY  WRITE 33 {where} 0 EOF\n"  # a waiter
         "garbage\n"
     )
-    assert runinfo.lock_holder(lock, str(table)) is None
+    assert run_info.lock_holder(lock, str(table)) is None
     table.write_text(table.read_text() + f"3: FLOCK  ADVISORY  WRITE 44 {where} 0 EOF\n")
-    assert runinfo.lock_holder(lock, str(table)) == 44
+    assert run_info.lock_holder(lock, str(table)) == 44
 
 
 def damage(output_dir: Path, tiny_run) -> dict[str, str]:
@@ -105,8 +113,8 @@ def test_runs_lists_live_ended_and_damaged_runs(readonly_data, tiny_run, tmp_pat
     out, pause = tmp_path / "runs", tmp_path / "paused"
     common = [*TINY_RUN_ARGS, "--data-dir", str(readonly_data.path), "--output-dir", str(out)]
     live = subprocess.Popen(
-        [sys.executable, str(FAULTS), *common, "--run-name", "live"],
-        env=child_env(FAULT_PAUSE_STEP="3", FAULT_PAUSE_FILE=str(pause)),
+        [sys.executable, str(HARNESS), *common, "--run-name", "live"],
+        env=process_env(FAULT_PAUSE_STEP="3", FAULT_PAUSE_FILE=str(pause)),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from fakedata import write_fashion_dir
-from launching import metrics, summary, train, why
+from support.fakedata import write_fashion_dir
+from support.processes import metrics, summary, train, why
 
 PEAK = 3e-3
 EPOCHS = 3

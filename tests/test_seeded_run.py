@@ -1,4 +1,4 @@
-"""One run with a non-zero seed and label smoothing, watched from outside (tests/interpose.py
+"""One run with a non-zero seed and label smoothing, watched from outside (tests/support/harness.py
 records what every cross-entropy call saw): each epoch draws a new data order, `eval --split
 valid` rebuilds this run's own split, and the validation loss is the plain cross-entropy.
 """
@@ -9,10 +9,17 @@ import json
 import math
 
 import pytest
-from fakedata import write_fashion_dir
-from launching import REPO, child_env, evaluate_json, launch_command, metrics, run, why
+from support.fakedata import write_fashion_dir
+from support.processes import (
+    HARNESS,
+    evaluate_json,
+    launch_command,
+    metrics,
+    process_env,
+    run_command,
+    why,
+)
 
-INTERPOSE = REPO / "tests" / "interpose.py"
 EPOCHS = 3
 BATCH = 50
 N_TRAIN = 600  # 500 training and 100 validation images: 10 steps per epoch
@@ -37,9 +44,9 @@ def seeded_run(tmp_path_factory):
     args = ["--model", "mlp", "--epochs", str(EPOCHS), "--batch-size", str(BATCH),
             "--seed", str(SEED), "--label-smoothing", str(SMOOTHING), "--data-dir", str(data),
             "--output-dir", str(base / "runs"), "--run-name", "r"]  # fmt: skip
-    proc = run(
-        launch_command(1, [str(INTERPOSE), *args]),
-        env=child_env(SPY_LOSS_DIR=str(spy), OMP_NUM_THREADS="1"),
+    proc = run_command(
+        launch_command(1, [str(HARNESS), *args]),
+        env=process_env(SPY_LOSS_DIR=str(spy), OMP_NUM_THREADS="1"),
     )
     assert proc.returncode == 0, why(proc)
     calls = [json.loads(line) for line in (spy / "rank0.jsonl").read_text().splitlines()]

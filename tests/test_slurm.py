@@ -1,6 +1,6 @@
 """slurm/: the batch scripts on a real one-node SLURM cluster, and slurm/lib.sh's decisions.
 
-The tests marked `slurm` run on a cluster that tests/slurm_cluster.py starts (munged,
+The tests marked `slurm` run on a cluster that tests/support/slurm_cluster.py starts (munged,
 slurmctld and slurmd, as root) for this module and stops at its end. Each submits a script
 with sbatch, as a user would, with CPU processes (ACCELERATE_USE_CPU=1, --gpus-per-node=0) on
 small generated data, and checks what SLURM reports (`scontrol show job`, the job-completion
@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 import pytest
-from fakedata import write_fashion_dir
-from slurm_cluster import SlurmCluster, unavailable_reason
+from support.fakedata import write_fashion_dir
+from support.slurm_cluster import SlurmCluster, unavailable_reason
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_DIR = REPO / "slurm"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,11 +14,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import CLI, TINY_RUN_ARGS, run_command
-from launching import train, why
+from support.fakedata import TINY_RUN_ARGS
+from support.processes import CLI, free_port, run_command, train, why
 
-from fmnist_accel import outputs, tb_hparams
-from fmnist_accel.runinfo import read_run
+from fmnist_accel.run import hparams as tb_hparams
+from fmnist_accel.run import outputs
+from fmnist_accel.run.ending import Ending
+from fmnist_accel.store import layout
+from fmnist_accel.store.run_info import read_run
 
 # The tiny run has 6 steps per epoch: step 8 is in epoch 2.
 STOP_IN_EPOCH_2 = {"FAULT_TERM_STEP": "8"}
@@ -103,7 +105,7 @@ def test_the_entry_is_replaced_not_added(tmp_path):
     assert metrics == {"final/epochs": [(3, 3.0)]}
 
 
-@pytest.mark.parametrize("status", ["completed", "early-stopped", "preempted", "diverged", "?"])
+@pytest.mark.parametrize("status", [*layout.STATUSES, "?"])
 def test_every_status_makes_an_entry(tmp_path, status):
     outputs.write_hparams_entry(tmp_path, {"status": status}, {}, status, 0)
     assert hparams_entry(tmp_path)[0] == {"status": status}
@@ -117,19 +119,9 @@ def test_an_entry_that_cannot_be_written_is_one_note_of_the_main_process(tiny_ru
     (run / "tensorboard").write_text("a file where the folder should be")
     said = []
     for main in (False, True):
-        s = SimpleNamespace(
-            accelerator=SimpleNamespace(is_main_process=main),
-            run_dir=run,
-            reporter=SimpleNamespace(print=said.append),
-        )
-        outputs.write_hparams(s, None)
+        accelerator = SimpleNamespace(is_main_process=main, num_processes=1)
+        outputs.write_ending(accelerator, run, Ending(), said.append)
     assert said == ["note: the HParams entry was not written: File exists"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # The local server directly, whatever proxies the environment names.

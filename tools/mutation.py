@@ -34,11 +34,13 @@ PACKAGE = ROOT / "fmnist_accel"
 
 # Test selections, fastest first (pytest runs them in the order given, and stops at the first
 # failure).
-UNIT_DECISIONS = "tests/test_decisions.py"
-EMA_UNIT = "tests/test_ema.py"
-EMA_STEPS = "tests/test_engine.py::test_every_optimizer_step_updates_the_weight_average"
-RESUME_POLICY = "tests/test_resume_policy.py"
+DECISIONS = "tests/test_decisions.py"  # scripted losses first, then real runs
+EMA_FILE = "tests/test_ema.py::"
+EMA_UNIT = EMA_FILE + "test_the_average_moves_a_fraction_of_the_way_to_the_weights"
+EMA_STEPS = EMA_FILE + "test_every_optimizer_step_updates_the_weight_average"
+PLAN = "tests/test_plan.py"
 CHECKPOINT = "tests/test_checkpoint.py"
+ATOMIC = "tests/test_atomic_writes.py::test_failed_write_keeps_the_old_file_and_leaves_no_temp"
 AUGMENT = "tests/test_augment.py"
 CLI_RUN = "tests/test_cli.py::test_train_writes_the_run_folder"
 CLI_EVAL = "tests/test_cli.py::test_eval_json_is_one_object_with_the_test_metrics"
@@ -51,12 +53,11 @@ DIST_PLATEAU = DIST + "test_plateau_lowers_lr_at_the_same_epoch_on_1_and_2_proce
 DIST_EARLY = DIST + "test_early_stopping_stops_every_rank_at_the_same_epoch"
 DIST_AGREE = DIST + "test_one_and_two_processes_agree_at_the_same_global_batch"
 SEEDED = "tests/test_seeded_run.py"
-DECISIONS = "tests/test_epoch_decisions.py"
-CONFUSION = DECISIONS + "::test_eval_confusion_matrix_rows_are_the_true_classes"
+CONFUSION = "tests/test_eval.py::test_eval_confusion_matrix_rows_are_the_true_classes"
 SCHEDULES = "tests/test_schedules.py"
 BATCHNORM = "tests/test_batchnorm_ranks.py"
-TORN = "tests/test_torn_writes.py"
-EMA_RUN = "tests/test_ema_run.py"
+TORN = "tests/test_atomic_writes.py::test_writes_killed_halfway_leave_the_previous_files_whole"
+EMA_RUN = EMA_FILE + "test_a_run_validates_and_saves_the_average"
 
 
 @dataclass(frozen=True)
@@ -77,13 +78,13 @@ MUTANTS = [
     # --- engine: early stopping, evaluation, the training step ------------------------
     m("early-stop-equal-improves", "an equal validation loss counts as an improvement",
       "if loss < self.best - self.min_delta:", "if loss <= self.best - self.min_delta:",
-      UNIT_DECISIONS, DECISIONS),
+      DECISIONS),
     m("early-stop-patience-off-by-one", "stops at the patience-th bad epoch, not after it",
       "return self.bad_epochs > self.patience", "return self.bad_epochs >= self.patience",
-      UNIT_DECISIONS, DECISIONS),
+      DECISIONS),
     m("early-stop-counter-not-loaded", "EarlyStopping.load_state_dict forgets the count",
       'self.bad_epochs = int(state["bad_epochs"])', "self.bad_epochs = 0",
-      UNIT_DECISIONS, DECISIONS),
+      DECISIONS),
     m("bn-average-is-a-sum", "BatchNorm statistics summed over ranks instead of averaged",
       'flat = accelerator.reduce(flat, "mean")', 'flat = accelerator.reduce(flat, "sum")',
       BATCHNORM),
@@ -95,7 +96,7 @@ MUTANTS = [
       'F.cross_entropy(logits, y, reduction="sum", label_smoothing=0.1)',
       CLI_EVAL, SEEDED),
     m("eval-confusion-transposed", "confusion matrix rows and columns swapped",
-      "y * NUM_CLASSES + logits.argmax(1)", "logits.argmax(1) * NUM_CLASSES + y",
+      "y * NUM_CLASSES + predicted", "predicted * NUM_CLASSES + y",
       CLI_EVAL, CONFUSION),
     m("eval-sums-not-reduced", "evaluation sums stay per rank (no all-reduce)",
       'totals = accelerator.reduce(torch.cat([loss_sum[None], confusion]), "sum").cpu()',
@@ -142,7 +143,7 @@ MUTANTS = [
     m("best-not-strict", "an equal metric replaces the best checkpoint",
       "(value > self.value if self.maximize else value < self.value)",
       "(value >= self.value if self.maximize else value < self.value)",
-      UNIT_DECISIONS, DECISIONS),
+      DECISIONS),
     m("best-metric-ignored", "--best-metric ignored: the best checkpoint by validation loss",
       'record["is_best"] = s.best.update(record[cfg.best_metric], epoch)',
       'record["is_best"] = s.best.update(record["valid_loss"], epoch)',
@@ -202,23 +203,21 @@ MUTANTS = [
       "    None  # of writes a kill interrupted",
       TORN, RESUME, "tests/test_faults.py::test_no_temporary_file_survives_a_resume"),
     m("completed-run-not-extended", "a completed run resumed with more --epochs does nothing",
-      'status == rundir.COMPLETED and state["epoch"] < resumed["epochs"]',
-      'status == rundir.COMPLETED and state["epoch"] > resumed["epochs"]',
-      RESUME_POLICY, DECISIONS),
+      'status == COMPLETED and state["epoch"] < resumed["epochs"]',
+      'status == COMPLETED and state["epoch"] > resumed["epochs"]',
+      PLAN, DECISIONS),
     # --- checkpoints -------------------------------------------------------------------
     m("checkpoint-write-in-place", "save_model_checkpoint writes the file in place",
-      "data = save(tensors, metadata=header)\n"
-      "    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))",
-      "data = save(tensors, metadata=header)\n    Path(path).write_bytes(data)",
+      "atomic_write_bytes(path, save(tensors, metadata=header))",
+      "Path(path).write_bytes(save(tensors, metadata=header))",
       TORN, RESUME),
     m("resume-write-in-place", "save_resume_state writes resume.pt in place",
-      "data = buffer.getbuffer()\n    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))",
-      "data = buffer.getbuffer()\n    Path(path).write_bytes(data)",
+      "atomic_write_bytes(path, buffer.getbuffer())", "Path(path).write_bytes(buffer.getbuffer())",
       TORN, RESUME),
     m("failed-write-leaves-temp", "a failed atomic write leaves its temporary file",
       "Path(tmp).unlink(missing_ok=True)\n        raise write_failed(path, exc)",
       "raise write_failed(path, exc)",
-      CHECKPOINT),
+      ATOMIC),
     m("resume-state-unpickled", "resume.pt read with arbitrary unpickling",
       'torch.load(path, map_location="cpu", weights_only=True)',
       'torch.load(path, map_location="cpu", weights_only=False)',

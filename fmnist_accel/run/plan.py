@@ -1,0 +1,229 @@
+"""A new run or a resumed one: where a training run writes, what it resumes from, and the
+rules a resumed run must keep.
+
+The main process decides (a new run folder, or an interrupted run to continue and its saved
+state) and every other rank receives the same decision, or the same error. The rules: options
+that would make a different run are refused (RESUMABLE_OVERRIDES lists the others); a fixed
+per-step schedule keeps its --epochs; a run that has ended stays ended unless a completed one
+is given more epochs; precision changes only when asked; a different number of processes
+continues only at an epoch boundary without a per-step schedule.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ..cluster import restarts
+from ..config import (
+    RESUMABLE_OVERRIDES,
+    TrainConfig,
+    config_dict_problem,
+    config_from_dict,
+    resolve_config,
+)
+from ..errors import UserError
+from ..store import run_folder
+from ..store.checkpoint import load_resume_state
+from ..store.layout import COMPLETED, CONFIG, FINISHED_STATUSES, RESUME
+from .decisions import PER_STEP_SCHEDULERS
+
+
+@dataclass
+class RunPlan:
+    """What the main process decided about the run folder; broadcast to every rank."""
+
+    run_dir: str = ""
+    config: dict = field(default_factory=dict)
+    resume_state: dict | None = None
+    finished: str | None = None  # set when the run to resume has already ended
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)  # for the user, printed before training
+
+
+def plan_run(explicit: dict[str, Any]) -> RunPlan:
+    """Main process only: pick the run folder, and the state to resume from if any."""
+    cfg = resolve_config(explicit)
+    output_dir = Path(cfg.output_dir)
+    resume_dir = find_resume_dir(cfg, output_dir, explicit)
+    if resume_dir is None:
+        run_dir, note = new_run_dir(cfg, output_dir)
+        return RunPlan(run_dir=str(run_dir), config=cfg.to_dict(), notes=[note] if note else [])
+
+    note = run_folder.claim_run_dir(resume_dir)  # before reading what another process may write
+    if (resume_dir / RESUME).is_file():
+        state = load_resume_state(resume_dir / RESUME)
+        saved = state["config"]
+    else:  # stopped in its first epoch, before any state was saved: it starts again there
+        state, saved = None, saved_config(resume_dir)
+    conflicts = conflicting_options(explicit, saved)
+    if conflicts:
+        key = conflicts[0]
+        raise UserError(
+            f"--{key.replace('_', '-')} {explicit[key]} differs from the run being resumed "
+            f"({resume_dir} has {saved.get(key)}); resume without it or start a new run"
+        )
+    resumed = {
+        **saved,
+        **{k: v for k, v in explicit.items() if v is not None and k in RESUMABLE_OVERRIDES},
+    }
+    resumed["run_name"] = resume_dir.name
+    resumed["output_dir"] = str(resume_dir.parent)
+    resumed["resume"] = cfg.resume
+    if resumed["epochs"] != saved["epochs"] and saved["scheduler"] in PER_STEP_SCHEDULERS:
+        raise UserError(
+            f"--epochs cannot change when resuming a run with the {saved['scheduler']} "
+            "schedule: its learning rates are fixed by the original length"
+        )
+    plan = RunPlan(
+        run_dir=str(resume_dir), config=resumed, resume_state=state, notes=[note] if note else []
+    )
+    if state is None:
+        plan.notes.append(
+            f"note: {resume_dir} stopped before it saved any state: it trains again from epoch 1"
+        )
+    status = run_folder.run_status(resume_dir)
+    # A completed run goes on only if --epochs now asks for more; the others have ended.
+    if (
+        state is not None
+        and status in FINISHED_STATUSES
+        and not (status == COMPLETED and state["epoch"] < resumed["epochs"])
+    ):
+        plan.finished = status
+    return plan
+
+
+def saved_config(run_dir: Path) -> dict:
+    """The config.json of a run that saved no state yet, checked like a resume state's."""
+    values = run_folder.read_json(run_dir / CONFIG)
+    problem = config_dict_problem(values) if values is not None else "it cannot be read"
+    if problem is None and not {"epochs", "scheduler"} <= set(values):
+        problem = "it lacks epochs or scheduler"
+    if problem:
+        raise UserError(f"{run_dir / CONFIG} is damaged: {problem}")
+    return values
+
+
+def new_run_dir(cfg: TrainConfig, output_dir: Path) -> tuple[Path, str | None]:
+    """A writable folder for a new run, locked by this process; and the lock's note if any."""
+    if cfg.run_name:
+        run_dir = output_dir / cfg.run_name
+        if cfg.resume is None and run_folder.has_run_files(run_dir):
+            raise UserError(
+                f"{run_dir} already exists: pass --resume auto to continue it, or choose "
+                "another --run-name"
+            )
+        return run_dir, run_folder.claim_run_dir(run_dir)
+    # Two runs started in the same second pick the same name; the one that loses the lock
+    # takes the next (unique_run_dir skips the folder the other has created).
+    for _ in range(10):
+        run_dir = run_folder.unique_run_dir(output_dir, run_folder.default_run_name(cfg.model))
+        try:
+            return run_dir, run_folder.claim_run_dir(run_dir)
+        except run_folder.RunInUse:
+            continue
+    raise UserError(f"no free run folder in {output_dir}: pass --run-name")
+
+
+def conflicting_options(explicit: dict[str, Any], saved: dict[str, Any]) -> list[str]:
+    """The options given now that would make a resumed run a different run."""
+    return [
+        key
+        for key, value in explicit.items()
+        if value is not None and key not in RESUMABLE_OVERRIDES and saved.get(key) != value
+    ]
+
+
+def find_resume_dir(cfg: TrainConfig, output_dir: Path, explicit: dict[str, Any]) -> Path | None:
+    """The run folder to continue, or None for a new run."""
+    if cfg.resume is None:
+        return None
+    if cfg.resume != "auto":
+        path = Path(cfg.resume)
+        if path.name == RESUME:
+            path = path.parent
+        if not (path / RESUME).is_file():
+            run_folder.raise_if_in_use(path)  # a live run in its first epoch: say so instead
+            if run_folder.is_run_dir(path):
+                return path  # killed in its first epoch: plan_run starts it again there
+            raise UserError(f"--resume {cfg.resume}: no {RESUME} there to resume from")
+        return path
+    if cfg.run_name:
+        path = output_dir / cfg.run_name
+        return path if (path / RESUME).is_file() else None
+    # The newest run that has not ended and that the options given now describe.
+    for path in run_folder.runs_newest_first(output_dir):
+        saved = run_folder.read_json(path / CONFIG) or {}
+        if (
+            (path / RESUME).is_file()
+            and run_folder.run_status(path) not in FINISHED_STATUSES
+            and not conflicting_options(explicit, saved)
+        ):
+            return path
+    return None
+
+
+def share_plan(accelerator, explicit: dict[str, Any]) -> RunPlan:
+    """The main process plans the run; every rank gets the same plan (or the same error)."""
+    from accelerate.utils import broadcast_object_list
+
+    plan = RunPlan()
+    if accelerator.is_main_process:
+        try:
+            plan = plan_run(explicit)
+            restarts.remember_run_dir(plan.run_dir)  # where a restarted group goes on
+        except (UserError, ValueError) as exc:
+            plan = RunPlan(error=str(exc))
+    if accelerator.num_processes > 1:
+        box = [plan]
+        broadcast_object_list(box, from_process=0)
+        plan = box[0]
+    if plan.error:
+        raise UserError(plan.error)
+    return plan
+
+
+def settle_config(
+    plan: RunPlan, explicit: dict[str, Any], mixed_precision: str, compiled: bool
+) -> TrainConfig:
+    """The run's config as this launch really runs it (mixed_precision and compiled: what the
+    Accelerator uses). The Accelerator was built before the main process found the run to
+    resume: a resumed run must not change precision silently."""
+    cfg = config_from_dict(plan.config)
+    if (
+        plan.resume_state is not None
+        and explicit.get("mixed_precision") is None
+        and cfg.mixed_precision != mixed_precision
+    ):
+        raise UserError(
+            f"{plan.run_dir} trained with mixed precision {cfg.mixed_precision} but this launch "
+            f"uses {mixed_precision}: resume with --mixed-precision {cfg.mixed_precision}, or "
+            f"give --mixed-precision {mixed_precision} to change it"
+        )
+    return replace(
+        cfg,
+        mixed_precision=mixed_precision,
+        compile=compiled,
+        # eval and predict read the data of the run from wherever they are started
+        data_dir=os.path.abspath(cfg.data_dir),
+    )
+
+
+def check_process_count(state: dict, world: int, scheduler: str, run_dir: Path) -> str | None:
+    """Whether a saved state can continue on `world` processes: None when nothing changed, a
+    note for the user when it continues differently, a UserError when it cannot."""
+    saved = state["world_size"]
+    if saved == world:
+        return None
+    if state["step"] or scheduler in PER_STEP_SCHEDULERS:
+        why = "mid-epoch" if state["step"] else f"with the per-step {scheduler} schedule"
+        raise UserError(
+            f"{run_dir} was stopped {why} on {saved} processes: resume it "
+            f"on the same number (now {world})"
+        )
+    return (
+        f"note: {run_dir} ran on {saved} processes, now {world}: it "
+        "continues, but not bit for bit as it would have"
+    )
