@@ -110,12 +110,17 @@ def test_the_record_is_added_to_summary_json_and_a_failed_write_is_write_failed(
     outputs.write_ending(main_process(), tmp_path, Ending(), said.append)  # nothing measured
     assert summary(tmp_path) == {"status": "completed"}
     record = {"accuracy": 0.5}
-    outputs.write_ending(main_process(), tmp_path, Ending(final_test=record), said.append)
-    assert summary(tmp_path) == {"status": "completed", "final_test": {"accuracy": 0.5}}
+    outputs.write_ending(main_process(), tmp_path, Ending(due=True, final_test=record), said.append)
+    assert summary(tmp_path) == {
+        "status": "completed",
+        "final_test": {"accuracy": 0.5},
+        "ending": "done",
+    }
 
-    gone = tmp_path / "gone"
+    gone = tmp_path / "a-file"  # where the run folder should be: nothing can be written there
+    gone.write_text("")
     with pytest.raises(WriteFailed, match=f"^cannot write {re.escape(str(gone))}/summary.json: "):
-        outputs.write_ending(main_process(), gone, Ending(final_test=record), said.append)
+        outputs.write_ending(main_process(), gone, Ending(due=True, final_test=record), said.append)
     assert WriteFailed.exit_code == EXIT_WRITE_FAILED
 
 

@@ -51,7 +51,9 @@ def saved_run(
         "grad_scaler": None,
         "early_stopping": {},
         "best": {},
-        "rank_states": [{"cpu_rng": torch.get_rng_state(), "loss_sum": 0.0, "count": 0}],
+        "rank_states": [
+            {"cpu_rng": torch.get_rng_state(), "cuda_rng": None, "loss_sum": 0.0, "count": 0}
+        ],
     }
     save_resume_state(folder / layout.RESUME, state)
     if status is not None:

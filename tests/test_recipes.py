@@ -96,7 +96,7 @@ def test_two_processes_agree_and_end_with_the_test_accuracy(recipe, data_dir, tm
 
 @pytest.mark.slow
 def test_accurate_stopped_mid_epoch_resumes_to_identical_results(data_dir, tmp_path):
-    """SIGTERM at step 4 of epoch 2 (the graceful stop saves the epoch's position), then
+    """SIGTERM in step 4 of epoch 2 (one process saves the last finished step, 3, at once), then
     --resume: the same metrics and last checkpoint, bit for bit, as a run never stopped.
     The flip-only augmentation of epoch 2 is rebuilt from (seed, epoch, rank)."""
     steps = 600 // 50
@@ -108,6 +108,6 @@ def test_accurate_stopped_mid_epoch_resumes_to_identical_results(data_dir, tmp_p
     assert proc.returncode == 75, why(proc)
     proc = train(1, args)
     assert proc.returncode == 0, why(proc)
-    assert "resuming after epoch 1" in proc.stdout and ", step 4)" in proc.stdout
+    assert "resuming after epoch 1" in proc.stdout and ", step 3)" in proc.stdout
 
     assert_same_training(tmp_path / "cut", tmp_path / "ref", EPOCHS)

@@ -1,30 +1,49 @@
 """Stop requests: SIGTERM, SIGUSR1 (SLURM's warning signal), SIGINT (Ctrl-C) and SIGHUP.
 
-The first signal only sets a flag; the training loop sees it at its next cross-rank check,
-every rank finishes the step it is in, saves the resume state together with the others,
-and exits with EXIT_PREEMPTED. A second signal, more than a second after the first, exits at
-once (files being written are safe: every write is atomic).
+A signal is seen at once, whatever the main thread is doing: Python runs a signal handler
+only between two bytecodes of the main thread, which may be inside one long C++ call (a
+backward pass of several seconds on a CPU), so the handler here only wakes a thread of its
+own (signal.set_wakeup_fd), and that thread answers:
+
+- the first signal sets the request that the training loop sees at its next check (every
+  rank finishes its step, they save together and exit with EXIT_PREEMPTED), and calls
+  `on_first_signal` at once: a lone process uses it to save the last finished step while a
+  slow step runs (engine/loop.StepFence), before a launcher that kills a few seconds after a
+  stop signal (accelerate 1.16's one-process launcher: 5 s) gets to it;
+- copies of the same request within DUPLICATE_WINDOW_S of the first are ignored;
+- a later signal exits at once (files being written are safe: every write is atomic).
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
+import threading
 import time
+from collections.abc import Callable
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, signal.SIGHUP)
 # Under a launcher each rank that gets a signal says so, with its rank.
 WHO = f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 # A second signal this soon after the first is the same request delivered twice: SLURM signals
-# every process of a job (scancel, preemption, the time limit) and torchrun forwards its copy.
+# every process of a job (scancel, preemption, the time limit) and torchrun forwards its copy;
+# accelerate's one-process launcher forwards SIGTERM after the terminal's SIGINT.
 DUPLICATE_WINDOW_S = 1.0
 
 
 class StopRequest:
+    """Install with install(), remove with uninstall(); true once a stop signal came."""
+
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.on_first_signal: Callable[[int], None] | None = None  # runs in the watcher
+        self.after_last_epoch = False  # the run is finishing its end: nothing to save
         self._first_at = 0.0
         self._previous: dict[int, object] = {}
+        self._previous_fd = -1
+        self._sockets: tuple[socket.socket, socket.socket] | None = None
+        self._thread: threading.Thread | None = None
 
     def __bool__(self) -> bool:
         return self.signum is not None
@@ -34,35 +53,79 @@ class StopRequest:
         return signal.Signals(self.signum).name if self.signum else ""
 
     def install(self) -> StopRequest:
+        """From the main thread (Python allows signal handlers nowhere else)."""
+        receive, send = socket.socketpair()
+        send.setblocking(False)
+        self._sockets = (receive, send)
+        self._previous_fd = signal.set_wakeup_fd(send.fileno(), warn_on_full_buffer=False)
         for signum in STOP_SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._handle)
+            # The handler does nothing: the C-level handler has already written the signal's
+            # number to the wakeup socket, which the watcher reads at once.
+            self._previous[signum] = signal.signal(signum, _ignore_here)
+        self._thread = threading.Thread(target=self._watch, name="stop-signals", daemon=True)
+        self._thread.start()
         return self
 
     def uninstall(self) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+        if self._sockets is not None:
+            signal.set_wakeup_fd(self._previous_fd)
+            self._sockets[1].close()  # the watcher's recv returns b"": it ends
+            if self._thread is not None:
+                self._thread.join(timeout=5)
+            self._sockets[0].close()
+            self._sockets = None
 
-    def _handle(self, signum, frame) -> None:
+    def _watch(self) -> None:
+        receive = self._sockets[0]
+        while True:
+            try:
+                data = receive.recv(64)
+            except OSError:
+                return
+            if not data:
+                return
+            for signum in data:
+                if signum in STOP_SIGNALS:
+                    self.handle(signum)
+
+    def handle(self, signum: int) -> None:
+        """What a stop signal does (in the watcher thread)."""
         if self.signum is not None:
             if time.monotonic() - self._first_at < DUPLICATE_WINDOW_S:
                 return
-            _say(f"second stop signal ({signal.Signals(signum).name}): exiting now")
+            _say(f"{WHO}second stop signal ({signal.Signals(signum).name}): exiting now")
             os._exit(128 + signum)
-        self.signum = signum
         self._first_at = time.monotonic()
-        _say(
-            f"{WHO}received {signal.Signals(signum).name}: finishing the current step and saving "
-            "the resume state; send it again to exit at once"
-        )
+        self.signum = signum
+        name = signal.Signals(signum).name
+        if self.after_last_epoch:
+            _say(
+                f"{WHO}received {name} after the last epoch: finishing the run's end (its final "
+                "test and figures, seconds); send it again to exit at once (the next start "
+                "completes the end)"
+            )
+        else:
+            _say(
+                f"{WHO}received {name}: finishing the current step and saving the resume "
+                "state; send it again to exit at once"
+            )
+        if self.on_first_signal is not None:
+            self.on_first_signal(signum)
+
+
+def _ignore_here(signum, frame) -> None:
+    """The main thread's handler: the watcher thread does the work (see the module doc)."""
 
 
 def _say(message: str) -> None:
-    """One line on stderr, from a signal handler: os.write, not print, since the handler may
-    interrupt a print in progress. On a terminal the line first clears the line the cursor is
-    on (the progress bar and the terminal's ^C echo, which would otherwise run into it), but
-    only while the process that started this one is still there: `accelerate launch` dies of
-    Ctrl-C at once, and the line is then the shell's new prompt, which must stay."""
+    """One line on stderr: os.write, not print, since the main thread may be in a print of
+    its own. On a terminal the line first clears the line the cursor is on (the progress bar
+    and the terminal's ^C echo, which would otherwise run into it), but only while the process
+    that started this one is still there: `accelerate launch` dies of Ctrl-C at once, and the
+    line is then the shell's new prompt, which must stay."""
     if not os.isatty(2):
         lead = ""
     elif os.getppid() == _PARENT:

@@ -39,6 +39,7 @@ PICTURE_TAG = "Figures/{split}/{name}"
 class Ending:
     """What the end of a run measured; empty when there was nothing to measure."""
 
+    due: bool = False  # the run ended as planned: summary.json's ending is to be done
     evaluation: CheckpointEvaluation | None = None
     final_test: FinalTest | None = None  # when --final-test asked for it
     # Main process: (TensorBoard tag, RGB pixels) of each picture, drawn from the evaluation.
@@ -74,9 +75,10 @@ def end_of_run(
     accelerator.wait_for_everyone()  # the main process has written the checkpoints
     checkpoint = final_checkpoint(Path(run_dir))
     if checkpoint is None:
-        return Ending(notes=["test: no checkpoint was written, nothing to test"] * cfg.final_test)
+        missing = ["test: no checkpoint was written, nothing to test"] * cfg.final_test
+        return Ending(due=True, notes=missing)
     split, note = choose_split(accelerator, cfg)
-    ending = Ending(notes=[note] if note else [])
+    ending = Ending(due=True, notes=[note] if note else [])
     if split is None:
         return ending
     try:

@@ -62,14 +62,19 @@ def start_outputs(s: Session, state: dict | None) -> None:
             s.metrics.keep_epochs_up_to(s.start_epoch)
             if state is not None:
                 repair_checkpoints(s, state)
-    accelerator.project_configuration.set_directories(str(s.run_dir))
-    accelerator.project_configuration.logging_dir = str(s.run_dir)
+    open_tensorboard(accelerator, s.run_dir, s.start_epoch + 1)
+
+
+def open_tensorboard(accelerator, run_dir: Path, purge_step: int) -> None:
+    """The run's TensorBoard writer (run_dir/tensorboard), on the main process: events of
+    epochs from purge_step on are dropped, since they will be written again."""
+    accelerator.project_configuration.set_directories(str(run_dir))
+    accelerator.project_configuration.logging_dir = str(run_dir)
     accelerator.init_trackers(
         layout.TENSORBOARD,
         # No config=: accelerate would add_hparams into a new timestamped sub-run per start;
         # write_hparams writes the run's one HParams entry when it ends.
-        # Events of epochs after the resume point are dropped: they will be written again.
-        init_kwargs={"tensorboard": {"purge_step": s.start_epoch + 1}},
+        init_kwargs={"tensorboard": {"purge_step": purge_step}},
     )
 
 
@@ -93,31 +98,44 @@ def append_epoch(s: Session, record: dict) -> None:
     log_scalars(s.accelerator, scalars, record["epoch"], s.run_dir / layout.TENSORBOARD)
 
 
-def rank_state(progress: EpochProgress, device: torch.device) -> dict:
-    """What differs between ranks: RNG streams (dropout) and the partial epoch's loss sums
-    (session.restore_rank_state reads it back)."""
+def rank_state(progress: EpochProgress, device: torch.device, snapshot: dict | None) -> dict:
+    """What differs between ranks: RNG streams (dropout) and the partial epoch's loss sums and
+    time (session.restore_rank_state reads it back). snapshot: the RNG states as they were
+    before a step that is given up (engine/loop.StepFence)."""
+    if snapshot is not None:
+        cpu_rng, cuda_rng = snapshot["cpu_rng"], snapshot["cuda_rng"]
+    else:
+        cpu_rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return {
-        "cpu_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "cpu_rng": cpu_rng,
+        "cuda_rng": cuda_rng,
         "loss_sum": progress.loss_sum,
         "count": progress.count,
+        "seconds": progress.seconds,
     }
 
 
-def save_resume(s: Session, epoch_done: int, progress: EpochProgress) -> None:
+def save_resume(
+    s: Session, epoch_done: int, progress: EpochProgress, snapshot: dict | None = None
+) -> None:
     """resume.pt (session.restore_training_state reads it back). Collective: every rank sends
-    its RNG state; the main process writes one file."""
+    its RNG state; the main process writes one file. snapshot: what a step that is given up
+    has changed so far, as it was before it (engine/loop.StepFence): saved instead."""
     from accelerate.utils import gather_object
 
-    rank_states = gather_object([rank_state(progress, s.accelerator.device)])
+    rank_states = gather_object([rank_state(progress, s.accelerator.device, snapshot)])
     if s.accelerator.is_main_process:
+        model = s.plain_model.state_dict()
+        if snapshot is not None:  # BatchNorm statistics before the forward pass of that step
+            model = {k: snapshot["buffers"].get(k, v) for k, v in model.items()}
         state = {
             "config": s.cfg.to_dict(),
             "epoch": epoch_done,
             "step": progress.step,
             "elapsed": s.elapsed,
             "world_size": s.accelerator.num_processes,
-            "model": s.plain_model.state_dict(),
+            "model": model,
             "ema": s.ema.state_dict() if s.ema is not None else None,
             "optimizer": s.optimizer.state_dict(),
             "plateau": s.plateau.state_dict() if s.plateau is not None else None,
@@ -209,6 +227,8 @@ def write_summary(s: Session, status: str, detail: str, epoch: int | None) -> No
             "elapsed": s.elapsed,
             "ranks": ranks,
         }
+        if status in layout.SUCCESSFUL_STATUSES:
+            summary["ending"] = layout.ENDING_PENDING  # write_ending says done
     with main_process_writes(s.accelerator):
         if s.accelerator.is_main_process:
             atomic_write_text(s.run_dir / layout.SUMMARY, json.dumps(summary, indent=2) + "\n")
@@ -218,23 +238,26 @@ def write_summary(s: Session, status: str, detail: str, epoch: int | None) -> No
 # When the run has ended: what ending.py measured, written in
 # --------------------------------------------------------------------------------------------
 def write_ending(accelerator, run_dir: Path, ending: Ending, say: Callable[[str], None]) -> None:
-    """Collective: summary.json gains `final_test`; then, on the main process, the pictures go
-    into TensorBoard's Images tab and the run's HParams entry is written. Every rank learns if
-    summary.json could not be written; the pictures and the entry are extras of a run that
-    has ended, whose failure is one note."""
+    """Collective: on the main process, the pictures go into TensorBoard's Images tab and the
+    run's HParams entry is written; then summary.json gains `final_test` and says the ending
+    is done. Every rank learns if summary.json could not be written; the pictures and the
+    entry are extras of a run that has ended, whose failure is one note."""
     run_dir = Path(run_dir)
-    if ending.final_test is not None:
-        with main_process_writes(accelerator):
-            if accelerator.is_main_process:
-                summary = read_json(run_dir / layout.SUMMARY) or {}
-                summary["final_test"] = ending.final_test
-                text = json.dumps(summary, indent=2) + "\n"
-                atomic_write_text(run_dir / layout.SUMMARY, text)
     if not accelerator.is_main_process:
+        if ending.due:
+            with main_process_writes(accelerator):
+                pass  # the main process's summary.json: every rank learns if it failed
         return
     if ending.pictures:
         log_pictures(accelerator, run_dir, ending, say)
     write_hparams(run_dir, ending.test_accuracy, say)
+    if ending.due:  # last: a start that finds it pending does the end again
+        with main_process_writes(accelerator):
+            summary = read_json(run_dir / layout.SUMMARY) or {}
+            if ending.final_test is not None:
+                summary["final_test"] = ending.final_test
+            summary["ending"] = layout.ENDING_DONE
+            atomic_write_text(run_dir / layout.SUMMARY, json.dumps(summary, indent=2) + "\n")
 
 
 def log_pictures(accelerator, run_dir: Path, ending: Ending, say) -> None:

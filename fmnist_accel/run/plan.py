@@ -27,7 +27,7 @@ from ..config import (
 from ..errors import UserError
 from ..store import run_folder
 from ..store.checkpoint import load_resume_state
-from ..store.layout import COMPLETED, CONFIG, FINISHED_STATUSES, RESUME
+from ..store.layout import COMPLETED, CONFIG, ENDING_PENDING, FINISHED_STATUSES, RESUME, SUMMARY
 from .decisions import PER_STEP_SCHEDULERS
 
 
@@ -39,6 +39,7 @@ class RunPlan:
     config: dict = field(default_factory=dict)
     resume_state: dict | None = None
     finished: str | None = None  # set when the run to resume has already ended
+    end_only: bool = False  # it ended, but was stopped before its end was written: do that
     error: str | None = None
     notes: list[str] = field(default_factory=list)  # for the user, printed before training
 
@@ -84,14 +85,18 @@ def plan_run(explicit: dict[str, Any]) -> RunPlan:
         plan.notes.append(
             f"note: {resume_dir} stopped before it saved any state: it trains again from epoch 1"
         )
-    status = run_folder.run_status(resume_dir)
+    summary = run_folder.read_json(resume_dir / SUMMARY) or {}
+    status = summary.get("status")
     # A completed run goes on only if --epochs now asks for more; the others have ended.
     if (
         state is not None
         and status in FINISHED_STATUSES
         and not (status == COMPLETED and state["epoch"] < resumed["epochs"])
     ):
-        plan.finished = status
+        if summary.get("ending") == ENDING_PENDING:
+            plan.end_only = True  # stopped during its final test or figures: finish those
+        else:
+            plan.finished = status
     return plan
 
 

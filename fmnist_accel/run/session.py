@@ -208,4 +208,6 @@ def restore_rank_state(state: dict, step: int, device: torch.device) -> EpochPro
     torch.set_rng_state(state["cpu_rng"])
     if state["cuda_rng"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda_rng"], device)
-    return EpochProgress(step=step, loss_sum=state["loss_sum"], count=state["count"])
+    # seconds: the epoch's training time in earlier starts (absent in older resume states)
+    seconds = float(state.get("seconds", 0.0))
+    return EpochProgress(step, state["loss_sum"], state["count"], seconds)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import sys
 import time
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,13 +31,15 @@ from ..cluster.accelerator import (
 )
 from ..cluster.shared_errors import say_it_and_leave_together
 from ..cluster.stop_signals import StopRequest
-from ..config import check_config, resolve_config, unused_options
+from ..config import TrainConfig, check_config, resolve_config, unused_options
 from ..engine.evaluation import evaluate
 from ..engine.loop import (
     STOP_NONFINITE,
     STOP_SIGNAL,
+    CheckPace,
     EpochProgress,
     EpochResult,
+    StepFence,
     average_buffers,
     check_stop,
     global_train_loss,
@@ -46,16 +50,18 @@ from ..errors import (
     EXIT_DIVERGED,
     EXIT_OK,
     EXIT_PREEMPTED,
+    EXIT_WRITE_FAILED,
     TrainingDiverged,
     UserError,
     WriteFailed,
+    error_line,
 )
 from ..store import layout
-from ..store.run_folder import release_locks
+from ..store.run_folder import release_locks, run_status
 from . import outputs
 from .console import Reporter, seconds_since_process_start
-from .ending import end_of_run, final_test_line
-from .plan import settle_config, share_plan
+from .ending import Ending, end_of_run, final_test_line
+from .plan import RunPlan, settle_config, share_plan
 from .session import Session, build_session
 
 
@@ -88,7 +94,7 @@ def train(explicit: dict[str, Any], program: str = "fmnist-accel") -> int:
     with collectives_fail_in_one_line(cfg.collective_timeout):
         accelerator = make_training_accelerator(cfg)
         try:
-            return run_training(accelerator, explicit)
+            return run_training(accelerator, explicit, program)
         except UserError as exc:  # the same on every rank: the main one says it before any exits
             say_it_and_leave_together(accelerator, exc, program)
             raise
@@ -98,7 +104,7 @@ def train(explicit: dict[str, Any], program: str = "fmnist-accel") -> int:
             end_accelerator(accelerator)
 
 
-def run_training(accelerator, explicit: dict[str, Any]) -> int:
+def run_training(accelerator, explicit: dict[str, Any], program: str) -> int:
     reporter = Reporter(accelerator.is_main_process)
     plan = share_plan(accelerator, explicit)
     if plan.finished:
@@ -108,6 +114,8 @@ def run_training(accelerator, explicit: dict[str, Any]) -> int:
     for note in plan.notes:
         reporter.print(note)
     cfg = settle_config(plan, explicit, accelerator.mixed_precision, compiles(accelerator))
+    if plan.end_only:
+        return complete_the_end(accelerator, plan, cfg, reporter)
     for name in unused_options(explicit, cfg):
         reporter.print(f"note: --{name.replace('_', '-')} has no effect in this configuration")
     try:
@@ -118,17 +126,21 @@ def run_training(accelerator, explicit: dict[str, Any]) -> int:
     outputs.start_outputs(s, plan.resume_state)
     print_header(s, resumed)
 
+    # Never uninstalled: a copy of the same request that comes while this process writes its
+    # last lines and exits is ignored (the default handling would kill it), and a later
+    # signal still exits at once.
     stop_request = StopRequest().install()
     try:
-        end = train_epochs(s, stop_request)
+        end = train_epochs(s, stop_request, program)
     except WriteFailed as exc:  # every rank has it (shared_errors.main_process_writes)
         detail = f"{exc}; free some space, then resume with --resume {s.run_dir}"
         with suppress(WriteFailed):  # summary.json if the disk still takes it
             outputs.write_summary(s, layout.WRITE_FAILED, detail, None)
         raise WriteFailed(detail) from None
-    finally:
-        stop_request.uninstall()
     outputs.write_summary(s, end.status, end.detail, end.epoch)
+    # A stop signal from here on changes nothing: the end takes seconds, and a run cut short
+    # in it has its end completed by the next start (summary.json: ending pending).
+    stop_request.after_last_epoch = True
     ending = end_of_run(accelerator, s.run_dir, cfg, end.status, reporter.print)
     for note in ending.notes:
         reporter.print(note)
@@ -148,6 +160,26 @@ def run_training(accelerator, explicit: dict[str, Any]) -> int:
             else f"done: {end.status}; checkpoints in {s.run_dir}"
         )
     return end.exit_code
+
+
+def complete_the_end(accelerator, plan: RunPlan, cfg: TrainConfig, reporter: Reporter) -> int:
+    """A run that ended but was stopped (or killed) during its end: write what the end lacks,
+    its final test, figures and HParams entry, and train nothing."""
+    run_dir = Path(plan.run_dir)
+    status = run_status(run_dir)
+    reporter.print(
+        f"run {run_dir} ended ({status}) but its end was cut short: completing its final test "
+        "and figures"
+    )
+    outputs.open_tensorboard(accelerator, run_dir, plan.resume_state["epoch"] + 1)
+    ending = end_of_run(accelerator, run_dir, cfg, status, reporter.print)
+    for note in ending.notes:
+        reporter.print(note)
+    outputs.write_ending(accelerator, run_dir, ending, reporter.print)
+    if ending.final_test is not None:
+        reporter.print(final_test_line(ending.final_test))
+    reporter.print(f"done: {status}; checkpoints in {run_dir}")
+    return EXIT_OK
 
 
 def print_header(s: Session, resumed: bool) -> None:
@@ -181,12 +213,17 @@ def print_header(s: Session, resumed: bool) -> None:
 # --------------------------------------------------------------------------------------------
 # The epoch loop
 # --------------------------------------------------------------------------------------------
-def train_epochs(s: Session, stop_request: StopRequest) -> RunEnd:
+def train_epochs(s: Session, stop_request: StopRequest, program: str) -> RunEnd:
     """Train, validate, log and save each epoch, until the last one, early stopping, a stop
     signal or a non-finite loss."""
     accelerator, cfg, reporter = s.accelerator, s.cfg, s.reporter
     steps = s.stream.steps_per_epoch
     started = False
+    pace = CheckPace()  # when the ranks meet to check for a stop (engine/loop.py)
+    # One process alone may save the last finished step from the signal's own thread, while a
+    # slow step runs; ranks cannot (they must agree on the step), and meet within a step.
+    fence = StepFence(s.plain_model) if accelerator.num_processes == 1 else None
+    epoch = s.start_epoch
 
     def on_step(step: int, loss_sum: torch.Tensor, count: int) -> None:
         nonlocal started
@@ -198,9 +235,9 @@ def train_epochs(s: Session, stop_request: StopRequest) -> RunEnd:
             startup = seconds_since_process_start()
             reporter.print(f"start-up: first training step done {startup:.1f} s after launch")
 
-    epoch = s.start_epoch
+    if fence is not None:
+        stop_request.on_first_signal = lambda signum: save_at_once(s, fence, epoch, signum, program)
     for epoch in range(s.start_epoch + 1, cfg.epochs + 1):
-        epoch_started = time.perf_counter()
         epoch_data = s.stream.epoch(epoch)
         reporter.epoch_start(
             epoch,
@@ -211,42 +248,48 @@ def train_epochs(s: Session, stop_request: StopRequest) -> RunEnd:
             may_stop_early=cfg.early_stopping and s.valid_set is not None,
         )
         start = s.progress
-        result = train_one_epoch(
-            s.model,
-            s.optimizer,
-            accelerator,
-            lambda step, data=epoch_data: s.stream.batch(data, step),
-            steps,
-            start=start,
-            label_smoothing=cfg.label_smoothing,
-            grad_clip_norm=cfg.grad_clip_norm,
-            step_scheduler=s.step_scheduler,
-            ema=s.ema,
-            stop_requested=lambda: bool(stop_request),
-            on_step=on_step,
-        )
-        train_time = time.perf_counter() - epoch_started
-        if result.stop == STOP_NONFINITE:
-            reporter.epoch_end(None, cfg.epochs)
-            ranks = result.nonfinite_ranks
-            detail = nonfinite_message(s.run_dir, epoch, ranks, "training loss")
-            return RunEnd(layout.DIVERGED, EXIT_DIVERGED, detail, epoch)
-        if result.stop == STOP_SIGNAL:
-            reporter.epoch_end(None, cfg.epochs)
-            s.elapsed += train_time
-            outputs.save_resume(s, epoch - 1, result.progress)
-            detail = (
-                f"stopped by {stop_request.name or 'a signal'} in epoch {epoch} after step "
-                f"{result.progress.step}; state saved: resume with --resume {s.run_dir}"
-            )
-            return RunEnd(layout.PREEMPTED, EXIT_PREEMPTED, detail, epoch)
         try:
-            record, stop_early = validate_epoch(s, epoch, result, start, train_time)
+            result = train_one_epoch(
+                s.model,
+                s.optimizer,
+                accelerator,
+                lambda step, data=epoch_data: s.stream.batch(data, step),
+                steps,
+                start=start,
+                label_smoothing=cfg.label_smoothing,
+                grad_clip_norm=cfg.grad_clip_norm,
+                step_scheduler=s.step_scheduler,
+                ema=s.ema,
+                stop_requested=lambda: bool(stop_request),
+                on_step=on_step,
+                pace=pace,
+                fence=fence,
+            )
+            if result.stop == STOP_NONFINITE:
+                reporter.epoch_end(None, cfg.epochs)
+                ranks = result.nonfinite_ranks
+                detail = nonfinite_message(s.run_dir, epoch, ranks, "training loss")
+                return RunEnd(layout.DIVERGED, EXIT_DIVERGED, detail, epoch)
+            if result.stop == STOP_SIGNAL:
+                reporter.epoch_end(None, cfg.epochs)
+                with fence.lock if fence is not None else nullcontext():
+                    if fence is not None:
+                        fence.disarm()  # this thread saves
+                    s.elapsed += result.progress.seconds - start.seconds
+                    outputs.save_resume(s, epoch - 1, result.progress)
+                step = result.progress.step
+                detail = stopped_detail(stop_request.name, epoch, step, s.run_dir)
+                return RunEnd(layout.PREEMPTED, EXIT_PREEMPTED, detail, epoch)
+            record, stop_early = validate_epoch(s, epoch, result, start)
+            if fence is not None:
+                with fence.lock:
+                    fence.disarm()  # from here on this thread saves the epoch
         except Diverged as exc:
             reporter.epoch_end(None, cfg.epochs)
             return RunEnd(layout.DIVERGED, EXIT_DIVERGED, str(exc), epoch)
-        s.elapsed += time.perf_counter() - epoch_started
-        record.update(epoch_time=time.perf_counter() - epoch_started, elapsed=s.elapsed)
+        epoch_time = result.progress.seconds + record.pop("validation_time")
+        s.elapsed += epoch_time - start.seconds
+        record.update(epoch_time=epoch_time, elapsed=s.elapsed)
         record_test_metrics(s, record)
         outputs.log_epoch(s, record)
         s.progress = EpochProgress()
@@ -267,18 +310,58 @@ def train_epochs(s: Session, stop_request: StopRequest) -> RunEnd:
     return RunEnd(layout.COMPLETED, EXIT_OK, "", epoch)
 
 
+def stopped_detail(signal_name: str, epoch: int, step: int, run_dir: Path) -> str:
+    return (
+        f"stopped by {signal_name or 'a signal'} in epoch {epoch} after step {step}; "
+        f"state saved: resume with --resume {run_dir}"
+    )
+
+
+def save_at_once(s: Session, fence: StepFence, epoch: int, signum: int, program: str) -> None:
+    """In the stop signal's thread, while the main thread may be in the middle of a step that
+    takes longer than a launcher waits (accelerate's one-process launcher kills 5 s after it
+    passes a signal on): save the last finished step (engine/loop.StepFence) and summary.json,
+    say so and exit, holding the fence's lock, so that the running step changes nothing more.
+    One process only: nothing here meets another rank."""
+    with fence.lock:
+        if not fence.armed:
+            return  # nothing consistent to save now: the loop saves at its next check
+        progress = fence.progress()
+        s.elapsed += progress.seconds - s.progress.seconds
+        try:
+            outputs.save_resume(s, epoch - 1, progress, fence.snapshot)
+            detail = stopped_detail(signal.Signals(signum).name, epoch, progress.step, s.run_dir)
+            outputs.write_summary(s, layout.PREEMPTED, detail, epoch)
+            outputs.write_ending(s.accelerator, s.run_dir, Ending(), s.reporter.print)  # HParams
+        except WriteFailed as exc:
+            detail = f"{exc}; free some space, then resume with --resume {s.run_dir}"
+            print(error_line(program, detail), file=sys.stderr, flush=True)
+            exit_now(EXIT_WRITE_FAILED)
+        s.reporter.print(detail)
+        exit_now(EXIT_PREEMPTED)
+
+
+def exit_now(code: int) -> None:
+    """End the process from a thread other than the main one, as run_cli would end it."""
+    restarts.remember_deliberate_exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 class Diverged(Exception):
     """Internal: a non-finite training or validation loss; carries the user's message."""
 
 
 def validate_epoch(
-    s: Session, epoch: int, result: EpochResult, start: EpochProgress, train_time: float
+    s: Session, epoch: int, result: EpochResult, start: EpochProgress
 ) -> tuple[dict, bool]:
     """The epoch's record (global train loss, validation, lr) and whether to stop early.
     Takes the epoch's decisions (decisions.py) on the global values, identically on every
     rank: the plateau scheduler, the best epoch, early stopping."""
     accelerator, cfg = s.accelerator, s.cfg
     progress = result.progress
+    validation_started = time.perf_counter()
     record: dict[str, Any] = {
         "epoch": epoch,
         "train_loss": global_train_loss(progress, accelerator),
@@ -300,9 +383,10 @@ def validate_epoch(
         stop_early = cfg.early_stopping and s.stopper.step(valid.loss)
     world = accelerator.num_processes
     record.update(
-        train_time=train_time,
-        # images this session trained in this epoch (a resumed epoch counts only its rest)
-        images_per_sec=(progress.count - start.count) * world / train_time,
+        # the whole epoch's, over its starts when it was stopped and resumed in the middle
+        train_time=progress.seconds,
+        images_per_sec=progress.count * world / progress.seconds,
+        validation_time=time.perf_counter() - validation_started,  # for epoch_time
     )
     return record, stop_early
 

@@ -158,7 +158,14 @@ _RESUME_FIELDS = {
     "best": dict,
     "rank_states": list,
 }
-_RANK_FIELDS = {"cpu_rng": torch.Tensor, "loss_sum": (int, float), "count": int}
+_RANK_FIELDS = {
+    "cpu_rng": torch.Tensor,
+    "cuda_rng": (torch.Tensor, None),
+    "loss_sum": (int, float),
+    "count": int,
+}
+# Written by newer versions only: checked when present.
+_OPTIONAL_RANK_FIELDS = {"seconds": (int, float)}
 
 
 def resume_state_problem(state: dict) -> str | None:
@@ -177,7 +184,8 @@ def resume_state_problem(state: dict) -> str | None:
         return f"it holds {len(ranks)} rank states for world_size {state['world_size']}"
     rng_size = torch.get_rng_state().numel()
     for rank_state in ranks:
-        for key, kinds in _RANK_FIELDS.items():
+        optional = {k: v for k, v in _OPTIONAL_RANK_FIELDS.items() if k in rank_state}
+        for key, kinds in {**_RANK_FIELDS, **optional}.items():
             problem = _field_problem(rank_state, key, kinds)
             if problem:
                 return f"a rank state: {problem}"

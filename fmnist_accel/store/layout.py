@@ -57,6 +57,10 @@ STATUSES = (COMPLETED, EARLY_STOPPED, PREEMPTED, WRITE_FAILED, DIVERGED)
 FINISHED_STATUSES = (COMPLETED, EARLY_STOPPED, DIVERGED)
 # Ended as planned: exit code 0, and the end of the run (final test, figures) follows.
 SUCCESSFUL_STATUSES = (COMPLETED, EARLY_STOPPED)
+# summary.json's "ending" for those: pending until the end is written, then done. A start that
+# finds it pending (a stop or a kill during the end) completes the end and nothing else.
+ENDING_PENDING = "pending"
+ENDING_DONE = "done"
 
 
 class EpochRecord(TypedDict, total=False):
@@ -102,4 +106,5 @@ class Summary(TypedDict, total=False):
     mixed_precision: str
     elapsed: float  # as EpochRecord.elapsed, at the end
     ranks: list  # where each rank ended: {"rank", "epoch", "lr", "early_stopping_bad_epochs"}
+    ending: str  # SUCCESSFUL_STATUSES only: ENDING_PENDING, then ENDING_DONE
     final_test: FinalTest  # once the run has ended successfully and --final-test

@@ -14,9 +14,15 @@ Environment variables choose the faults (all optional):
   FAULT_ONLY_RANK=R      the step and write faults below strike rank R only (default: all)
   FAULT_KILL_STEP=K      SIGKILL this process at its K-th training step
   FAULT_TERM_STEP=K      SIGTERM this process at its K-th training step (a graceful stop)
+  FAULT_TERM_AGAIN_S=S   ...and once more S seconds later (the same request, twice)
   FAULT_STOP_STEP=K      SIGSTOP this process at its K-th training step (a hung process)
   FAULT_PAUSE_STEP=K     at its K-th training step, create the file FAULT_PAUSE_FILE and wait
                          (at most 120 s) until the test deletes it
+  FAULT_STEP_SECONDS=S   every training step takes S seconds more (a slow step)
+  FAULT_SLOW_STEP=K      ...and the K-th FAULT_SLOW_STEP_S seconds more: it creates the file
+                         FAULT_SLOW_FILE when it begins, after the forward pass
+  FAULT_TERM_EVAL=N      SIGTERM this process at its N-th evaluation call (a validation or test
+                         batch: cross_entropy without gradients), FAULT_KILL_EVAL=N: SIGKILL
   FAULT_ONCE_FILE=PATH   the kill and stop faults strike once in all: the first creates PATH,
                          and none strikes while it exists
   TEAR_WRITE=NAME:N      the N-th file this process writes whose name contains NAME (e.g.
@@ -44,6 +50,7 @@ import os
 import runpy
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -72,7 +79,16 @@ def step_faults():
     nan_rank, nan_step = env_int("FAULT_NAN_RANK"), env_int("FAULT_NAN_STEP")
     kill_step, term_step = env_int("FAULT_KILL_STEP"), env_int("FAULT_TERM_STEP")
     stop_step, pause_step = env_int("FAULT_STOP_STEP"), env_int("FAULT_PAUSE_STEP")
-    if all(v is None for v in (nan_step, kill_step, term_step, stop_step, pause_step)):
+    step_seconds = float(os.environ.get("FAULT_STEP_SECONDS") or 0)
+    again_s = (
+        float(os.environ["FAULT_TERM_AGAIN_S"]) if os.environ.get("FAULT_TERM_AGAIN_S") else None
+    )
+    slow_step, slow_seconds = (
+        env_int("FAULT_SLOW_STEP"),
+        float(os.environ.get("FAULT_SLOW_STEP_S") or 0),
+    )
+    steps = (nan_step, kill_step, term_step, stop_step, pause_step, slow_step)
+    if all(v is None for v in steps) and not step_seconds:
         return None
     once = Path(os.environ["FAULT_ONCE_FILE"]) if os.environ.get("FAULT_ONCE_FILE") else None
 
@@ -89,6 +105,10 @@ def step_faults():
             strike(signal.SIGKILL)
         if step == term_step:
             os.kill(os.getpid(), signal.SIGTERM)
+            if again_s is not None:
+                again = threading.Timer(again_s, os.kill, (os.getpid(), signal.SIGTERM))
+                again.daemon = True
+                again.start()
         if step == stop_step:
             strike(signal.SIGSTOP)
         if step == pause_step:
@@ -97,19 +117,49 @@ def step_faults():
             deadline = time.monotonic() + 120
             while pause.exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
+        if step == slow_step:
+            Path(os.environ["FAULT_SLOW_FILE"]).touch()
+            sleep_through_signals(slow_seconds)
+        if step_seconds:
+            sleep_through_signals(step_seconds)
         return nan_rank == RANK and nan_step is not None and step >= nan_step
 
     return fault
 
 
-def watch_cross_entropy(fault, spy_dir: Path | None) -> None:
+def sleep_through_signals(seconds: float) -> None:
+    """A step that is slow the way a long C++ call is: signals do not cut it short."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(left)
+
+
+def eval_faults():
+    """fault(call) for every evaluation call, or None when none is asked for."""
+    term, kill = env_int("FAULT_TERM_EVAL"), env_int("FAULT_KILL_EVAL")
+    if term is None and kill is None:
+        return None
+
+    def fault(call: int) -> None:
+        if call == term:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if call == kill:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return fault
+
+
+def watch_cross_entropy(fault, eval_fault, spy_dir: Path | None) -> None:
     real = F.cross_entropy
     log = spy_dir / f"rank{RANK}.jsonl" if spy_dir else None
-    steps = 0
+    steps = evaluations = 0
 
     def watched(logits, labels, *args, **kwargs):
-        nonlocal steps
+        nonlocal steps, evaluations
         train = torch.is_grad_enabled()
+        if not train and eval_fault is not None:
+            evaluations += 1
+            eval_fault(evaluations)
         if log is not None:
             entry = {"train": train, "label_smoothing": kwargs.get("label_smoothing", 0.0)}
             if train:
@@ -190,8 +240,9 @@ def install() -> None:
     strikes = faults_strike_here()
     spy = Path(os.environ["SPY_LOSS_DIR"]) if os.environ.get("SPY_LOSS_DIR") else None
     fault = step_faults() if strikes else None
-    if fault is not None or spy is not None:
-        watch_cross_entropy(fault, spy)
+    eval_fault = eval_faults() if strikes else None
+    if fault is not None or eval_fault is not None or spy is not None:
+        watch_cross_entropy(fault, eval_fault, spy)
     if strikes and os.environ.get("TEAR_WRITE"):
         name, count = os.environ["TEAR_WRITE"].rsplit(":", 1)
         tear_nth_write(name, int(count))
