@@ -91,9 +91,15 @@ def train_options(command):
 @train_options
 def train_command(**options):
     """Train a model (defaults: cnn-bn with the seed's recipe, in large batches)."""
+    from .cluster.stop_signals import StopRequest
+
+    # Before torch is imported: a stop signal during the seconds of start-up is kept, and
+    # acted on at the training's first check (under SLURM the processes start with the stop
+    # signals ignored, slurm/lib.sh's node_main, so they would be lost).
+    stop_request = StopRequest().install()
     from .run.training import train
 
-    return train(options, program=program_name())
+    return train(options, program=program_name(), stop_request=stop_request)
 
 
 def program_name() -> str:
@@ -226,18 +232,24 @@ def plot_command(runs, output_dir, save_path):
     show_default=True,
     help="Order of the lines (valid, test, epochs: highest first).",
 )
+@click.option(
+    "--sweep",
+    metavar="NAME",
+    help="Only the runs of this sweep (slurm/sweep.sbatch), the best validation accuracy marked.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON list, one object per run.")
-def runs_command(output_dir, sort, as_json):
+def runs_command(output_dir, sort, sweep, as_json):
     """A table of the run folders in --output-dir.
 
     One line per folder: model, recipe, status (running, completed, early-stopped,
     preempted, write-failed: stopped by a full disk or a failing write, diverged, or
     interrupted: killed without a word), epochs, best validation accuracy and its epoch, test
-    accuracy, training time, processes, precision, and what is wrong with a damaged folder.
+    accuracy, training time, processes, precision, the SLURM job of its latest start (an
+    array task as JOB_TASK), and what is wrong with a damaged folder.
     """
     from .commands.runs import run_runs
 
-    return run_runs(output_dir, sort, as_json)
+    return run_runs(output_dir, sort, as_json, sweep)
 
 
 @cli.command("predict")

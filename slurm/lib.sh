@@ -12,23 +12,29 @@
 # checks (options, time limit), start_log, run_and_wait (the training in the background,
 # stop signals forwarded to it) and end_job (requeue or not; exit with what happened).
 
-# The toolkit's exit codes (README "Exit codes").
+# The job's exit codes (slurm/README.md, "Exit codes"): the toolkit's own, and one for a start
+# stopped before it saved anything. None is 128 or above: accounting (sacct) shows such a code
+# as a signal number (138 as 10), and a job's code must read the same everywhere.
+EXIT_FAILED=1
 EXIT_BAD_INPUT=2
 EXIT_DIVERGED=3
+EXIT_PEER_FAILED=4
+EXIT_WRITE_FAILED=74
 EXIT_PREEMPTED=75
+EXIT_STOPPED_UNSAVED=79
 
 # --------------------------------------------------------------------------------------------
 # Stop requests (installed first: a warning may come while the set-up runs)
 # --------------------------------------------------------------------------------------------
 # bash runs a trap only once the foreground command ends, so the training runs in the
-# background and the script waits for it. USR1 (the warning before the time limit, or
-# `scancel --batch --signal=USR1`): stop the training, then requeue. TERM (scancel, preemption,
-# the time limit itself): stop it and let SLURM decide (a requeue here would bring a cancelled
-# job back). The training is stopped with one STOP_WITH signal to CHILD: SIGTERM to a launcher
-# (which forwards it once to its workers), SIGUSR2 to srun (see multi_node_job).
+# background (an srun step) and the script waits for it. USR1 (the warning before the time
+# limit, or `scancel --batch --signal=USR1`): stop the training, then requeue. TERM (scancel,
+# preemption, the time limit itself): stop it and let SLURM decide (a requeue here would bring
+# a cancelled job back; SLURM requeues a preempted job itself). Either way the request goes to
+# the step as SIGUSR2, which only the step's shells act on (node_main): each sends one stop
+# signal to its training processes.
 STOP=""
 CHILD=""
-STOP_WITH=TERM
 SIGNALLED=""
 on_stop_signal() {
     SIGNALLED=1
@@ -43,7 +49,7 @@ on_stop_signal() {
         log "SIGTERM (cancelled, preempted or out of time): stopping the training; no requeue"
     fi
     if [[ -n $CHILD ]]; then
-        kill -"$STOP_WITH" "$CHILD" 2>/dev/null
+        kill -USR2 "$CHILD" 2>/dev/null
     fi
 }
 trap 'on_stop_signal USR1' USR1
@@ -96,6 +102,30 @@ job_field() { # NAME: a field of `scontrol show job` for this job (read once, in
     sed -n "s/.*[[:space:]]$1=\([^[:space:]]*\).*/\1/p" <<<" ${JOB_RECORD:-}" | head -n 1
 }
 
+# The job's chain of starts, kept in its Comment (the same job id across requeues):
+# TIME_REQUEUES, the requeues this script made for SIGUSR1, the time-limit warning's signal
+# (what MAX_REQUEUES bounds), and IDLE_STARTS, the starts in a row that saved nothing (MAX_STARTS_WITHOUT_PROGRESS
+# bounds them). SLURM's own requeues (a preemption, a node failure: SLURM_RESTART_COUNT counts
+# every requeue) spend neither.
+read_chain() {
+    local comment
+    comment=$(job_field Comment)
+    TIME_REQUEUES=0
+    IDLE_STARTS=0
+    if [[ $comment =~ fmnist:time=([0-9]+),idle=([0-9]+) ]]; then
+        TIME_REQUEUES=${BASH_REMATCH[1]}
+        IDLE_STARTS=${BASH_REMATCH[2]}
+    fi
+    CHAIN_READ="$TIME_REQUEUES,$IDLE_STARTS"
+}
+
+write_chain() { # when the counts changed
+    [[ "$TIME_REQUEUES,$IDLE_STARTS" != "${CHAIN_READ:-}" ]] || return 0
+    scontrol update JobId="$JOB_REF" Comment="fmnist:time=$TIME_REQUEUES,idle=$IDLE_STARTS" \
+        2>/dev/null || log "note: could not record the job's requeue counts in its Comment"
+    CHAIN_READ="$TIME_REQUEUES,$IDLE_STARTS"
+}
+
 source_setup_file() { # SETUP_FILE: module loads, conda or venv activation
     [[ -n ${SETUP_FILE:-} ]] || return 0
     [[ -f $SETUP_FILE && -r $SETUP_FILE ]] || refuse "SETUP_FILE=$SETUP_FILE: no such file"
@@ -106,6 +136,11 @@ source_setup_file() { # SETUP_FILE: module loads, conda or venv activation
     source "$SETUP_FILE"
     status=$?
     set -u
+    if [[ -n $STOP ]]; then # the time limit or a cancel came while it ran: not bad input
+        log "SIG$STOP while SETUP_FILE=$SETUP_FILE ran: the training is not started"
+        log "job exit code $EXIT_STOPPED_UNSAVED: $(exit_meaning "$EXIT_STOPPED_UNSAVED")"
+        exit "$EXIT_STOPPED_UNSAVED"
+    fi
     ((status == 0)) || refuse "SETUP_FILE=$SETUP_FILE failed (exit status $status)"
 }
 
@@ -117,8 +152,13 @@ job_setup() { # DEFAULT_MAX_RESTARTS
     JOB_RECORD=$(scontrol show job "$JOB_REF" 2>/dev/null || true)
     source_setup_file
     PYTHON=${PYTHON:-python}
-    command -v "$PYTHON" >/dev/null ||
+    local found
+    found=$(command -v "$PYTHON") ||
         refuse "PYTHON=$PYTHON: not found (activate the environment in SETUP_FILE, or set PYTHON)"
+    # Resolved once, here, to an absolute path: every node runs this very interpreter (a venv's
+    # python is a link into the venv: the path is kept, not the link's target).
+    [[ $found == /* ]] || found="$(cd "$(dirname "$found")" && pwd)/$(basename "$found")"
+    PYTHON=$found
     # The launcher runs as `$PYTHON -m accelerate.commands.launch`, so that it and the training
     # processes it starts (its own sys.executable) are the same Python.
     "$PYTHON" -c 'import importlib.util as u, sys
@@ -127,14 +167,17 @@ sys.exit(0 if u.find_spec("fmnist_accel") and u.find_spec("accelerate") else 1)'
             "that has them (in SETUP_FILE, or before sbatch), or set PYTHON"
 
     MAX_REQUEUES=${MAX_REQUEUES:-3}
-    # torchrun's restarts of a failed group: the multi-node script's default, as issue 13 asks;
-    # one node: none (gloo's restarts on one node often fail to connect in torch 2.14).
+    MAX_STARTS_WITHOUT_PROGRESS=${MAX_STARTS_WITHOUT_PROGRESS:-2}
+    # torchrun's restarts of a failed group: 3 on several nodes; none on one node, where a
+    # requeue does the same job.
     MAX_RESTARTS=${MAX_RESTARTS:-$1}
     START_MARGIN=${START_MARGIN:-60}
     whole_number MAX_REQUEUES "$MAX_REQUEUES"
+    whole_number MAX_STARTS_WITHOUT_PROGRESS "$MAX_STARTS_WITHOUT_PROGRESS"
     whole_number MAX_RESTARTS "$MAX_RESTARTS"
     whole_number START_MARGIN "$START_MARGIN"
     RESTARTS=${SLURM_RESTART_COUNT:-0}
+    read_chain
     OUTPUT_DIR=${OUTPUT_DIR:-runs}
     RUN_NAME=${RUN_NAME:-${SLURM_JOB_NAME:-fmnist}-${SLURM_JOB_ID:-local}}
     # Below the kernel's ephemeral ports (32768-60999 by default), which it hands out to
@@ -211,6 +254,9 @@ check_time_limit() {
     TIME_LIMIT=$(job_field TimeLimit)
     WARNING_S=$(warning_lead)
     whole_number WARNING_LEAD "$WARNING_S"
+    # torchrun waits this long for its processes to save before it kills them, when it stops
+    # them itself (a process failed): the warning's lead, less time to exit, bounds the save.
+    export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$((WARNING_S > 60 ? WARNING_S - 30 : 30))
     local limit_s
     limit_s=$(to_seconds "$TIME_LIMIT")
     [[ -n $limit_s ]] || return 0
@@ -225,7 +271,7 @@ check_time_limit() {
 # --------------------------------------------------------------------------------------------
 # The run's files, before and after
 # --------------------------------------------------------------------------------------------
-run_files_state() { # "RESUME_ID SUMMARY_ID STATUS" of RUN_DIR ("-" for what is missing)
+run_files_state() { # "RESUME_ID SUMMARY_ID STATUS ENDING STOPPED_BY" of RUN_DIR ("-": missing)
     # A file's identity is its inode, size and modification time: every save of resume.pt and
     # summary.json is a new file renamed over the old one. Each file is opened before fstat, so
     # that NFS revalidates it (close-to-open) instead of answering from its attribute cache:
@@ -244,11 +290,12 @@ def identity(path):
 run_dir = sys.argv[1]
 try:
     with open(os.path.join(run_dir, "summary.json")) as f:
-        status = str(json.load(f).get("status") or "-")
+        summary = json.load(f)
+    fields = [str(summary.get(k) or "-") for k in ("status", "ending", "stopped_by")]
 except (OSError, ValueError, AttributeError):
-    status = "-"
+    fields = ["-", "-", "-"]
 resume, summary = (identity(os.path.join(run_dir, n)) for n in ("resume.pt", "summary.json"))
-print(resume, summary, status.replace(" ", "_"))
+print(resume, summary, *(f.replace(" ", "_") for f in fields))
 EOF
 }
 
@@ -268,6 +315,7 @@ status_exit_code() { # STATUS: the job's exit code for a run's status (nothing i
     completed | early-stopped) echo 0 ;;
     diverged) echo "$EXIT_DIVERGED" ;;
     preempted) echo "$EXIT_PREEMPTED" ;;
+    write-failed) echo "$EXIT_WRITE_FAILED" ;;
     esac
 }
 
@@ -276,29 +324,43 @@ exit_meaning() {
     0) echo "the run has ended (completed or early-stopped)" ;;
     "$EXIT_BAD_INPUT") echo "bad input: an option, a data file or a setting (see above)" ;;
     "$EXIT_DIVERGED") echo "diverged: a non-finite loss stopped the training" ;;
-    "$EXIT_PREEMPTED") echo "stopped with its state saved: RUN_NAME=$RUN_NAME resumes it" ;;
-    138 | 143) echo "stopped by SIG$(kill -l $(($1 - 128))) before it saved anything" ;;
+    "$EXIT_PEER_FAILED") echo "a process hung or died and the restarts ran out (see above)" ;;
+    "$EXIT_WRITE_FAILED") echo "a file could not be written (a full disk?): free space, then RUN_NAME=${RUN_NAME:-?} resumes it" ;;
+    "$EXIT_PREEMPTED") echo "stopped with its state saved: RUN_NAME=${RUN_NAME:-?} resumes it" ;;
+    "$EXIT_STOPPED_UNSAVED") echo "stopped by a signal before it saved anything" ;;
     *) echo "failed: see the messages above" ;;
     esac
+}
+
+below_128() { # CODE: the code itself if it is a plain exit code, else the failure code
+    if (($1 >= 128 || $1 < 0)); then
+        log "the training ended by a signal ($(kill -l $((${1#-} % 128)) 2>/dev/null ||
+            echo "?")): exit code $EXIT_FAILED" >&2
+        echo "$EXIT_FAILED"
+    else
+        echo "$1"
+    fi
 }
 
 # --------------------------------------------------------------------------------------------
 # A start: its first lines, the training, its end
 # --------------------------------------------------------------------------------------------
 start_log() { # LAYOUT...: the start's first lines
-    log "==== start $((RESTARTS + 1)) ($( ((RESTARTS == 0)) && echo "first start" ||
-        echo "requeue $RESTARTS") of at most $MAX_REQUEUES; SLURM_RESTART_COUNT=$RESTARTS) ===="
+    log "==== start $((RESTARTS + 1)) (warning requeues $TIME_REQUEUES of at most" \
+        "$MAX_REQUEUES; other requeues $((RESTARTS - TIME_REQUEUES > 0 ? RESTARTS - TIME_REQUEUES : 0))," \
+        "starts without progress before it $IDLE_STARTS; SLURM_RESTART_COUNT=$RESTARTS) ===="
     log "$*"
     log "time limit ${TIME_LIMIT:-unknown}; warning (SIGUSR1) ${WARNING_S:-?} s before it"
     log "run folder: $RUN_DIR ($([[ -f $RUN_DIR/resume.pt ]] && echo 'has saved state: resuming' ||
         echo 'new run'))"
+    log "python: $PYTHON; launch settings: ${LAUNCH_CONFIG:-none (one process)}"
 }
 
 run_and_wait() { # CMD...: the training (or srun) in the background, waited for
     START_STATE=$(run_files_state)
     if [[ -n $STOP ]]; then
         log "the stop signal came during the set-up: the training is not started"
-        CHILD_RC=$((128 + $(kill -l "$STOP")))
+        CHILD_RC=$EXIT_STOPPED_UNSAVED
         return
     fi
     "$@" &
@@ -307,46 +369,66 @@ run_and_wait() { # CMD...: the training (or srun) in the background, waited for
 }
 
 end_job() { # requeue or not, then exit with a code that says what happened
-    local resume_then summary_then resume_now summary_now status_now _
+    local resume_then summary_then resume_now summary_now status_now ending_now stopped_by _
     read -r resume_then summary_then _ <<<"$START_STATE"
-    read -r resume_now summary_now status_now <<<"$(run_files_state)"
+    read -r resume_now summary_now status_now ending_now stopped_by <<<"$(run_files_state)"
     # What this start did, and nothing older: an earlier start's summary.json must not decide.
     local new_status="" saved=""
     [[ $summary_now != - && $summary_now != "$summary_then" ]] && new_status=$status_now
     [[ $resume_now != - && $resume_now != "$resume_then" ]] && saved=1
     log "training exited with code $CHILD_RC; this start saved $([[ -n $saved ]] &&
         echo "new state" || echo "no new state"); run status: ${new_status:-none written by this start}"
+    # What was asked: this shell's own signal, else the one the training was stopped by (a
+    # `scancel --signal=USR1` without --batch reaches the training and not this shell).
+    local asked=$STOP
+    if [[ -z $asked && $new_status == preempted ]]; then
+        asked=$([[ $stopped_by == SIGUSR1 ]] && echo USR1 || echo TERM)
+    fi
 
     local code worker
     if [[ -n $new_status && -n $(status_exit_code "$new_status") ]]; then
         code=$(status_exit_code "$new_status")
-    elif [[ -z $STOP && $CHILD_RC == 0 ]]; then
-        code=$(status_exit_code "$status_now") # the run had ended before: "already ended"
-        code=${code:-0}
+    elif [[ -z $asked && $CHILD_RC == 0 ]]; then
+        if [[ $status_now =~ ^(completed|early-stopped|diverged)$ ]]; then
+            code=$(status_exit_code "$status_now") # the run had ended before: "already ended"
+        else # a step-wide signal stopped it before it trained (its shells exit 0 after a stop)
+            code=$EXIT_STOPPED_UNSAVED
+        fi
+    elif [[ -n $asked && -z $saved ]]; then
+        code=$EXIT_STOPPED_UNSAVED # whatever the workers said (75 from a start-up stop)
     elif worker=$(worker_exit_code) && [[ -n $worker ]]; then
-        code=$worker
-        ((code < 0)) && code=$((128 - code)) # torchrun's -N: killed by signal N
-    elif [[ -n $STOP && -n $saved ]]; then
+        code=$(below_128 "$worker") # torchrun's -N: killed by signal N
+    elif [[ -n $asked ]]; then
         code=$EXIT_PREEMPTED
-    elif [[ -n $STOP ]]; then
-        code=$((128 + $(kill -l "$STOP"))) # stopped before it saved anything
     else
-        code=$CHILD_RC
+        code=$(below_128 "$CHILD_RC")
     fi
 
-    if [[ $STOP == USR1 ]]; then
-        if [[ -n $new_status && $new_status != preempted ]]; then
-            log "not requeued: the run has ended ($new_status)"
-        elif [[ -z $saved ]]; then
-            log "not requeued: this start saved no new state (warned before it could, or the" \
-                "save failed: see above), and a job that cannot progress must not loop;" \
-                "resubmit with RUN_NAME=$RUN_NAME once the cause is fixed"
-        elif ((RESTARTS >= MAX_REQUEUES)); then
-            log "not requeued: the requeue limit is reached ($RESTARTS requeues," \
-                "MAX_REQUEUES=$MAX_REQUEUES); resubmit with RUN_NAME=$RUN_NAME (and a longer" \
-                "--time, or a larger MAX_REQUEUES) to go on"
+    if [[ -n $saved || $new_status =~ ^(completed|early-stopped|diverged)$ ]]; then
+        IDLE_STARTS=0
+    else
+        IDLE_STARTS=$((IDLE_STARTS + 1))
+    fi
+    local unfinished="" # the run goes on: it was stopped, or stopped during its end
+    [[ $status_now == preempted || $ending_now == pending || $status_now == - ]] && unfinished=1
+    if [[ $asked == USR1 ]]; then
+        if [[ -z $unfinished ]]; then
+            log "not requeued: the run has ended ($status_now)"
+        elif ((IDLE_STARTS >= MAX_STARTS_WITHOUT_PROGRESS)); then
+            log "not requeued: $IDLE_STARTS starts in a row saved no new state" \
+                "(MAX_STARTS_WITHOUT_PROGRESS=$MAX_STARTS_WITHOUT_PROGRESS: warned before it" \
+                "could save, or the save failed: see above), and a job that cannot progress" \
+                "must not loop; resubmit with RUN_NAME=$RUN_NAME once the cause is fixed"
+        elif ((TIME_REQUEUES >= MAX_REQUEUES)); then
+            log "not requeued: the requeue limit is reached ($TIME_REQUEUES warning" \
+                "requeues, MAX_REQUEUES=$MAX_REQUEUES); resubmit with RUN_NAME=$RUN_NAME (and a" \
+                "longer --time, or a larger MAX_REQUEUES) to go on"
         else
-            log "requeueing $JOB_REF (requeue $((RESTARTS + 1)) of at most $MAX_REQUEUES):" \
+            TIME_REQUEUES=$((TIME_REQUEUES + 1))
+            write_chain
+            log "requeueing $JOB_REF (warning requeue $TIME_REQUEUES of at most" \
+                "$MAX_REQUEUES$( ((IDLE_STARTS > 0)) && echo "; this start saved nothing:" \
+                "$IDLE_STARTS of at most $MAX_STARTS_WITHOUT_PROGRESS in a row")):" \
                 "the next start resumes $RUN_DIR"
             STOP=requeued
             # Last: the requeue ends this start. The job goes back to PENDING with its id, and
@@ -357,49 +439,24 @@ end_job() { # requeue or not, then exit with a code that says what happened
             log "scontrol requeue failed: resubmit with RUN_NAME=$RUN_NAME to resume"
         fi
     fi
+    write_chain # SLURM may requeue the job itself (a preemption): the next start reads it
     log "job exit code $code: $(exit_meaning "$code")"
     exit "$code"
 }
 
 # --------------------------------------------------------------------------------------------
-# One node: train_1node.sbatch, and each task of sweep.sbatch
+# The training: one srun step, a shell per machine (node_main), on one node or several
 # --------------------------------------------------------------------------------------------
-one_node_job() { # TRAINING_OPTIONS...
+one_node_job() { # TRAINING_OPTIONS...: train_1node.sbatch
     job_setup 0
-    one_node_start "$@"
+    train_on_nodes "$@"
 }
 
-one_node_start() {
-    check_run_options "$@"
-    check_time_limit
-    RUN_DIR=$OUTPUT_DIR/$RUN_NAME
-    local nproc train cmd
-    nproc=$(processes_per_node)
-    train=(-m fmnist_accel.train --output-dir "$OUTPUT_DIR" --run-name "$RUN_NAME" --resume auto
-        "$@")
-    if ((nproc > 1)); then
-        # shellcheck disable=SC2206  # LAUNCH_ARGS is a list of options: split it into words
-        cmd=("$PYTHON" -m accelerate.commands.launch --multi_gpu --num_machines 1
-            --num_processes "$nproc" --main_process_port "$PORT" --max_restarts "$MAX_RESTARTS"
-            $LAUNCH_ARGS "${train[@]}")
-    else
-        # One process: no launcher. accelerate's single-process launcher does not pass SIGTERM
-        # on to the training, which would then be killed without saving.
-        cmd=("$PYTHON" "${train[@]}")
-    fi
-    start_log "nodes: 1 (${SLURM_JOB_NODELIST:-$(hostname -s)}); processes: $nproc on" \
-        "$(use_cpu && echo CPU || echo GPU) (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset});" \
-        "port $PORT"
-    ((nproc > 1)) && port_note
-    log "command: ${cmd[*]}"
-    STOP_WITH=TERM
-    run_and_wait "${cmd[@]}"
-    end_job
+multi_node_job() { # TRAINING_OPTIONS...: train_multinode.sbatch
+    job_setup 3
+    train_on_nodes "$@"
 }
 
-# --------------------------------------------------------------------------------------------
-# Sweeps: sweep.sbatch, one grid line per array task
-# --------------------------------------------------------------------------------------------
 grid_line() { # GRID TASK -> three lines: the number of option lines, a name, the options quoted
     "$PYTHON" - "$1" "$2" <<'EOF'
 import re, shlex, sys
@@ -444,19 +501,17 @@ sweep_job() { # GRID TRAINING_OPTIONS...: the options common to every line follo
     eval "line_options=($quoted)" # shlex.quote'd words: safe to evaluate
     check_run_options "${line_options[@]}"
     # Named from the sweep and the line, not the job id: a requeued task, or the same sweep
-    # submitted again, resumes its own run.
+    # submitted again, resumes its own run. The run records its sweep (`runs --sweep`).
     RUN_NAME=$sweep-$SLURM_ARRAY_TASK_ID${name:+-$name}
+    export FMNIST_SWEEP=$sweep
     log "sweep $sweep: task $SLURM_ARRAY_TASK_ID of $count lines in $grid: ${line_options[*]}"
     # The line comes last: its options win over the common ones.
-    one_node_start "$@" "${line_options[@]}"
+    train_on_nodes "$@" "${line_options[@]}"
 }
 
-# --------------------------------------------------------------------------------------------
-# Several nodes: train_multinode.sbatch
-# --------------------------------------------------------------------------------------------
 head_address() { # this node's address for the others: SLURM's NodeAddr for it, resolved here
-    local node addr
-    node=$(hostname -s)
+    # SLURMD_NODENAME: the node's NodeName, which need not be its host name.
+    local node=${SLURMD_NODENAME:-$(hostname -s)} addr
     addr=$(scontrol show node "$node" 2>/dev/null | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p' |
         head -n 1)
     if [[ -n $addr && ! $addr =~ ^[0-9.]+$ ]]; then # a name: its address, not a loopback one
@@ -468,62 +523,97 @@ head_address() { # this node's address for the others: SLURM's NodeAddr for it, 
 
 # node_main runs on every machine (one srun task each), in a new bash that gets this
 # function's text: the batch shell's environment (srun --export=ALL) carries the FMNIST_*
-# values. It sources SETUP_FILE, starts the machine's launcher and forwards stop requests:
-#   - SIGUSR2: the batch script's stop request. SLURM passes a signal sent to srun to every
-#     process of the step, so the request travels as a signal that only this shell acts on
-#     (the launcher and its workers are started with SIGUSR2 ignored);
-#   - SIGTERM: scancel, preemption or the time limit (SLURM signals every process of the
-#     step). Without this trap the shell would die at once and, where SLURM tracks processes
-#     with cgroups, the step would end and its launcher and workers be SIGKILLed mid-save.
-# Either way: one SIGTERM to the launcher, which stops its workers (they finish the step and
-# save, allowed TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s, before it kills them), and the shell
-# keeps waiting for it. After a stop it exits 0: each launcher then exits 1, and srun's
-# --kill-on-bad-exit would kill the other machines while the main process writes summary.json.
+# values. It sources SETUP_FILE (several nodes), starts the machine's launcher, or the one
+# training process, and passes stop requests on to the training processes themselves:
+#   - SIGUSR2: the batch shell's request (the warning, or a signal sent to the batch shell).
+#     SLURM passes a signal sent to srun to every process of the step; only this shell acts
+#     on it (the launcher and its processes are started with SIGUSR2 ignored). It becomes one
+#     SIGTERM to each training process;
+#   - SIGTERM, SIGUSR1, SIGINT, SIGHUP: a signal to the whole step (`scancel [--signal=..]`
+#     without --batch, preemption, the time limit). The training processes got it too; this
+#     shell sends each the same signal once more, which they count as the same request, so
+#     that it reaches them also where SLURM signals these shells alone.
+# The launcher (torchrun) is started with those signals ignored: its processes get them
+# directly, each once, and torchrun neither stops them itself (it would kill them 30 s later)
+# nor fails on a second copy (a 50-line logging traceback). After a stop this shell exits 0:
+# each launcher then exits 1, and srun's --kill-on-bad-exit would kill the other machines
+# while the main process writes summary.json.
 node_main() {
-    local rank=$SLURM_PROCID host
-    host=$(hostname -s) # once: a command run from a trap may be killed by SLURM's SIGTERM
+    local rank=$SLURM_PROCID host=${SLURMD_NODENAME:-$(hostname -s)} launcher=""
     node_log() { echo "machine $rank ($host): $*"; }
-    if [[ -n ${SETUP_FILE:-} ]]; then
+    if [[ -n ${FMNIST_NODE_SETUP:-} ]]; then
         # shellcheck disable=SC1090  # the user's file
-        source "$SETUP_FILE" || {
-            node_log "error: SETUP_FILE=$SETUP_FILE failed"
+        source "$FMNIST_NODE_SETUP" || {
+            node_log "error: SETUP_FILE=$FMNIST_NODE_SETUP failed"
             exit 2
         }
     fi
     if ((FMNIST_PROCESSES_TOTAL > 1)); then
-        local is_host=()
-        # The rendezvous store runs on machine 0, the batch script's node, whose address the
-        # others are given (torch's own guess compares host names, and misses some addresses).
-        if [[ -n $FMNIST_SET_HOST ]]; then
-            is_host=(--rdzv_conf "is_host=$( ((rank == 0)) && echo 1 || echo 0)")
+        launcher=1
+        local rendezvous=()
+        if ((FMNIST_MACHINES > 1)); then
+            # The rendezvous store runs on machine 0, the batch shell's node, whose address the
+            # others are given; each is told whether it hosts it (torch's own guess compares
+            # host names, and misses secondary addresses).
+            rendezvous=(--rdzv_backend c10d --rdzv_conf "is_host=$( ((rank == 0)) && echo 1 || echo 0)")
         fi
         # shellcheck disable=SC2086  # LAUNCH_ARGS is a list of options
-        set -- "$FMNIST_PYTHON" -m accelerate.commands.launch --multi_gpu \
-            --num_machines "$FMNIST_MACHINES" --machine_rank "$rank" \
+        set -- "$FMNIST_PYTHON" -m accelerate.commands.launch --quiet --config_file "$FMNIST_CONFIG" \
+            --multi_gpu --num_machines "$FMNIST_MACHINES" --machine_rank "$rank" \
             --num_processes "$FMNIST_PROCESSES_TOTAL" --main_process_ip "$FMNIST_HEAD_ADDR" \
-            --main_process_port "$FMNIST_PORT" --rdzv_backend c10d "${is_host[@]}" \
+            --main_process_port "$FMNIST_PORT" "${rendezvous[@]}" \
             --max_restarts "$FMNIST_MAX_RESTARTS" $FMNIST_LAUNCH_ARGS "$@"
     else
-        set -- "$FMNIST_PYTHON" "$@" # one process in all: no launcher (see one_node_start)
+        set -- "$FMNIST_PYTHON" "$@" # one process in all: no launcher (see train_on_nodes)
     fi
     node_log "$*"
+    # A request that comes while a training process starts, before it has its handlers (it
+    # starts with the signals ignored), is kept in this file, which it reads when it installs
+    # them (fmnist_accel/cluster/stop_signals.py).
+    export FMNIST_ACCEL_STOP_FILE=${TMPDIR:-/tmp}/fmnist-accel-stop-$SLURM_JOB_ID.${SLURM_STEP_ID:-0}.$rank
+    rm -f "$FMNIST_ACCEL_STOP_FILE"
+    trap 'rm -f "$FMNIST_ACCEL_STOP_FILE"' EXIT
     STOP=""
     # shellcheck disable=SC2329  # called by the traps below
     node_stop() {
         SIGNALLED=1
         [[ -n $STOP ]] && return
         STOP=$1
+        local sig=$1
         if [[ $1 == USR2 ]]; then
-            node_log "stop requested by the batch script: SIGTERM to the launcher"
+            sig=TERM
+            node_log "stop requested by the batch script: SIGTERM to the training"
         else
-            node_log "SIGTERM (scancel, preemption or time limit): SIGTERM to the launcher"
+            node_log "SIG$1 (scancel, preemption or time limit): SIG$1 to the training"
         fi
-        kill -TERM "$CHILD" 2>/dev/null
+        echo "SIG$sig" >"$FMNIST_ACCEL_STOP_FILE"
+        # Once to each process of the training (whatever wraps it: a PYTHON that is a script,
+        # a container): the descendants of this shell's child that run fmnist_accel. The
+        # launcher is one of them, and ignores it.
+        local pids=("$CHILD") pid
+        while ((${#pids[@]})); do
+            pid=${pids[0]}
+            pids=("${pids[@]:1}")
+            if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q fmnist_accel; then
+                kill -"$sig" "$pid" 2>/dev/null
+            fi
+            # shellcheck disable=SC2207  # pids are words
+            pids+=($(pgrep -P "$pid"))
+        done
     }
-    trap 'node_stop TERM' TERM
-    trap 'node_stop USR2' USR2
+    local signal_name
+    for signal_name in TERM USR1 INT HUP USR2; do
+        # shellcheck disable=SC2064  # the name now
+        trap "node_stop $signal_name" "$signal_name"
+    done
     (
         trap '' USR2
+        if [[ -n $launcher ]]; then
+            # ... and torchrun, which would set handlers of its own for these, handles only
+            # SIGQUIT (torch >= 2.8 reads this list).
+            trap '' TERM USR1 INT HUP
+            export PET_SIGNALS_TO_HANDLE=SIGQUIT
+        fi
         exec "$@"
     ) &
     CHILD=$!
@@ -532,8 +622,7 @@ node_main() {
     exit "$CHILD_RC"
 }
 
-multi_node_job() { # TRAINING_OPTIONS...
-    job_setup 3
+train_on_nodes() { # TRAINING_OPTIONS...: the training as one srun step, then end_job
     check_run_options "$@"
     check_time_limit
     RUN_DIR=$OUTPUT_DIR/$RUN_NAME
@@ -541,7 +630,7 @@ multi_node_job() { # TRAINING_OPTIONS...
     nproc=$(processes_per_node)
     nodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
     # MACHINES_PER_NODE > 1 starts several launchers per node: the tests' way to run the
-    # several-machine path (rendezvous, ranks, stop requests) on a one-node cluster.
+    # several-machine path (rendezvous, ranks, stop requests) on fewer nodes.
     per_node=${MACHINES_PER_NODE:-1}
     whole_number MACHINES_PER_NODE "$per_node"
     ((per_node >= 1)) || refuse "MACHINES_PER_NODE=0: expected 1 or more"
@@ -549,21 +638,27 @@ multi_node_job() { # TRAINING_OPTIONS...
     # What node_main reads (srun passes the environment on).
     export FMNIST_MACHINES=$machines
     export FMNIST_PROCESSES_TOTAL=$((nproc * machines))
-    if [[ -n ${MAIN_PROCESS_IP:-} ]]; then
-        export FMNIST_HEAD_ADDR=$MAIN_PROCESS_IP FMNIST_SET_HOST="" # torch finds the host
-    else
-        FMNIST_HEAD_ADDR=$(head_address)
-        export FMNIST_HEAD_ADDR FMNIST_SET_HOST=1
-    fi
+    export FMNIST_HEAD_ADDR=${MAIN_PROCESS_IP:-$(head_address)}
     export FMNIST_PORT=$PORT
     export FMNIST_MAX_RESTARTS=$MAX_RESTARTS
+    export FMNIST_LAUNCH_ARGS=$LAUNCH_ARGS
+    export FMNIST_PYTHON=$PYTHON
+    # The repository's launch settings, never a user's default accelerate config.
+    LAUNCH_CONFIG=""
+    if ((FMNIST_PROCESSES_TOTAL > 1)); then
+        LAUNCH_CONFIG=$(cd "$FMNIST_SLURM_DIR/../launch_configs" 2>/dev/null && pwd)/slurm_$(
+            use_cpu && echo cpu || echo gpu).yaml
+        [[ -f $LAUNCH_CONFIG ]] || refuse "no $LAUNCH_CONFIG: the slurm/ folder must sit in" \
+            "the repository, beside launch_configs/ (or set FMNIST_SLURM_DIR)"
+    fi
+    export FMNIST_CONFIG=$LAUNCH_CONFIG
+    # The batch shell has sourced SETUP_FILE already; the other nodes' shells source it too.
+    export FMNIST_NODE_SETUP=""
+    ((nodes > 1 || per_node > 1)) && FMNIST_NODE_SETUP=${SETUP_FILE:-}
     # torch 2.14 hands a restarted group the launcher's old rendezvous store, where restarted
     # gloo ranks find their dead peers' addresses (connectFullMesh refused): a fresh store per
     # restart avoids it (docs/faults.md).
-    if ((MAX_RESTARTS > 0)); then export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1; fi
-    export FMNIST_LAUNCH_ARGS=$LAUNCH_ARGS
-    export FMNIST_PYTHON=$PYTHON
-    export SETUP_FILE=${SETUP_FILE:-}
+    if ((MAX_RESTARTS > 0 && machines > 1)); then export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1; fi
     local train srun
     train=(-m fmnist_accel.train --output-dir "$OUTPUT_DIR" --run-name "$RUN_NAME" --resume auto
         "$@")
@@ -577,13 +672,12 @@ multi_node_job() { # TRAINING_OPTIONS...
         srun+=(--cpus-per-task="$((cpus > 0 ? cpus : 1))")
     fi
     start_log "nodes: $nodes (${SLURM_JOB_NODELIST:-$(hostname -s)}); machines (launchers):" \
-        "$machines; head: $(hostname -s) (rendezvous $FMNIST_HEAD_ADDR:$PORT, c10d);" \
+        "$machines; head: ${SLURMD_NODENAME:-$(hostname -s)} (rendezvous $FMNIST_HEAD_ADDR:$PORT);" \
         "processes: $nproc per machine, $FMNIST_PROCESSES_TOTAL in all, on" \
-        "$(use_cpu && echo CPU || echo GPU); torchrun restarts a failed group up to" \
-        "$MAX_RESTARTS times"
+        "$(use_cpu && echo CPU || echo GPU) (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset});" \
+        "torchrun restarts a failed group up to $MAX_RESTARTS times"
     ((FMNIST_PROCESSES_TOTAL > 1)) && port_note
     log "command: ${srun[*]} bash -c node_main ${train[*]}"
-    STOP_WITH=USR2
     run_and_wait "${srun[@]}" bash -c "$(declare -f node_main wait_for_child)
 node_main \"\$@\"" node "${train[@]}"
     end_job

@@ -157,7 +157,7 @@ def test_runs_lists_live_ended_and_damaged_runs(readonly_data, tiny_run, tmp_pat
     done = runs["done"]
     summary = json.loads((tiny_run.run_dir / "summary.json").read_text())
     records = [json.loads(line) for line in (tiny_run.run_dir / "metrics.jsonl").open()]
-    assert (done["model"], done["recipe"], done["precision"]) == ("mlp", "default", "no")
+    assert (done["model"], done["recipe"], done["precision"]) == ("mlp", "default", "fp32")
     assert (done["epochs"], done["max_epochs"], done["processes"]) == (2, 2, 1)
     assert done["best_valid_accuracy"] == max(r["valid_accuracy"] for r in records)
     assert done["best_epoch"] == summary["best"]["epoch"]
@@ -195,3 +195,59 @@ def test_runs_reads_final_test_accuracy_and_sorts(tiny_run, tmp_path):
 def test_runs_without_the_folder_is_one_line(tmp_path):
     result = run_command([CLI, "runs", "--output-dir", tmp_path / "nothing"], cwd=tmp_path)
     assert_one_line_error(result, f"no folder {tmp_path / 'nothing'}")
+
+
+def test_runs_names_the_slurm_job_and_marks_the_best_run_of_a_sweep(
+    readonly_data, tiny_run, tmp_path
+):
+    """A run started in a SLURM array task records the job, the sweep and the code it ran
+    (provenance.json); `runs` shows the job, `--sweep` keeps one sweep's runs and marks the
+    best by validation accuracy; a later start that runs other code says so in one line."""
+    out = tmp_path / "runs"
+    slurm = {"SLURM_JOB_ID": "79", "SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "2"}
+    args = [*TINY_RUN_ARGS, "--data-dir", str(readonly_data.path), "--output-dir", str(out)]
+    first = run_command(
+        [CLI, "train", *args, "--run-name", "grid-2"],
+        cwd=tmp_path,
+        env=process_env(**slurm, FMNIST_SWEEP="grid"),
+    )
+    assert first.rc == 0, str(first)
+    starts = json.loads((out / "grid-2" / "provenance.json").read_text())["starts"]
+    assert [(s["slurm_job"], s["sweep"]) for s in starts] == [("77_2", "grid")]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
+    assert starts[0]["code"]["commit"] == head and isinstance(starts[0]["code"]["dirty"], bool)
+
+    # A second run of the sweep with a lower validation accuracy, and a run of no sweep.
+    shutil.copytree(out / "grid-2", out / "grid-1")
+    records = [json.loads(line) for line in (out / "grid-1" / "metrics.jsonl").open()]
+    for r in records:
+        r["valid_accuracy"] = r["valid_accuracy"] / 2
+    (out / "grid-1" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    shutil.copytree(tiny_run.run_dir, out / "alone")
+
+    listed = run_command([CLI, "runs", "--output-dir", out, "--sweep", "grid", "--json"], tmp_path)
+    assert listed.rc == 0, str(listed)
+    runs = {r["name"]: r for r in listed.json()}
+    assert set(runs) == {"grid-1", "grid-2"}
+    assert (runs["grid-2"]["best_in_sweep"], runs["grid-1"]["best_in_sweep"]) == (True, False)
+    assert runs["grid-2"]["slurm_job"] == "77_2" and runs["grid-2"]["starts"] == 1
+    table = run_command([CLI, "runs", "--output-dir", out, "--sweep", "grid"], tmp_path)
+    assert table.rc == 0, str(table)
+    assert "* grid-2" in table.stdout and "* grid-1" not in table.stdout, table.stdout
+    assert "77_2" in table.stdout and "alone" not in table.stdout, table.stdout
+    unknown = run_command([CLI, "runs", "--output-dir", out, "--sweep", "other"], tmp_path)
+    assert_one_line_error(unknown, "no runs of sweep 'other'")
+    assert "sweeps there: grid" in unknown.stderr
+
+    # The run's first start ran other code: a resume says so, and records its own start.
+    (out / "grid-2" / "provenance.json").write_text(
+        json.dumps({"starts": [{**starts[0], "code": {**starts[0]["code"], "commit": "0" * 40}}]})
+    )
+    resume = [CLI, "train", *args, "--resume", out / "grid-2", "--epochs", "3"]
+    more = run_command(resume, cwd=tmp_path, env=process_env(SLURM_JOB_ID="80"))
+    assert more.rc == 0, str(more)
+    notes = [line for line in more.stdout.splitlines() if "this run started with code" in line]
+    assert len(notes) == 1 and "000000000000" in notes[0] and head[:12] in notes[0], more.stdout
+    starts = json.loads((out / "grid-2" / "provenance.json").read_text())["starts"]
+    assert [s["slurm_job"] for s in starts] == ["77_2", "80"]

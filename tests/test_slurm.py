@@ -32,6 +32,7 @@ ONE_NODE = SLURM_DIR / "train_1node.sbatch"
 MULTI_NODE = SLURM_DIR / "train_multinode.sbatch"
 SWEEP = SLURM_DIR / "sweep.sbatch"
 LIB = SLURM_DIR / "lib.sh"
+CPU_CONFIG = REPO / "launch_configs" / "slurm_cpu.yaml"
 JOB_NAME = "fmnist-test"
 # Generous for a loaded machine; a job takes 10-40 s here.
 JOB_TIMEOUT = 240
@@ -188,7 +189,12 @@ class Job:
         )
         # Not in the second its last start was killed in: slurmd revokes a requeued job's
         # credentials at that time, and refuses a new one from the same second.
-        self.wait_for("its last start to end", self.cluster.node_idle, timeout=60)
+        job_id = self.info().get("JobId", self.ref)
+        self.wait_for(
+            "its last start to end",
+            lambda: not self.cluster.job_has_processes(job_id),
+            timeout=60,
+        )
         time.sleep(1.5)
         self.cluster.run("scontrol", "update", f"JobId={self.ref}", "StartTime=now")
 
@@ -246,11 +252,15 @@ def test_one_node_job_completes(cluster, data, tmp_path):
     assert summary["world_size"] == 2 and summary["distributed_type"] == "MULTI_CPU"
 
     log = job.log_text()
-    assert "==== start 1 (first start of at most 3; SLURM_RESTART_COUNT=0)" in log, log
-    assert "processes: 2 on CPU" in log, log  # the layout the script prints
+    assert "==== start 1 (warning requeues 0 of at most 3; other requeues 0," in log, log
+    assert "processes: 2 per machine, 2 in all, on CPU" in log, log  # the layout it prints
     assert "hardware: 2 processes" in log and "CPU (gloo)" in log, log  # one group of two ranks
-    # launcher and workers from the job's Python; the run folder set by the script
-    assert f"command: {sys.executable} -m accelerate.commands.launch" in log, log
+    # launcher and workers from the job's Python, with the repository's launch settings, as
+    # an srun step (so that a signal to the job's steps reaches them); the run folder set by
+    # the script
+    launch = f"{sys.executable} -m accelerate.commands.launch --quiet --config_file {CPU_CONFIG}"
+    assert f"machine 0 ({cluster.node}): {launch}" in log, log
+    assert f"python: {sys.executable}; launch settings: {CPU_CONFIG}" in log, log
     assert "--resume auto" in log and "new run" in log, log
     assert epoch_lines(log, 3) == [1, 2, 3], log
     assert "requeue" not in log.split("====", 2)[2], log
@@ -304,12 +314,12 @@ def test_multinode_job_requeues_and_resumes(cluster, data, tmp_path):
         # the batch shell's request reached both launchers
         assert f"machine {rank} ({cluster.node}): stop requested" in log, log
     # One log, appended by both starts, tells the story.
-    assert "==== start 2 (requeue 1 of at most 3; SLURM_RESTART_COUNT=1)" in log, log
+    assert "==== start 2 (warning requeues 1 of at most 3; other requeues 0," in log, log
     # The signal may land mid-epoch or while epoch 1 is still being saved: both save.
     assert "SIGUSR1" in log and re.search(r"stopped by SIGTERM (in|after) epoch", log), log
     # Both machines stopped cleanly: the main process wrote summary.json before the step ended.
     assert "this start saved new state; run status: preempted" in log, log
-    assert f"requeueing {job.ref} (requeue 1 of at most 3)" in log, log
+    assert f"requeueing {job.ref} (warning requeue 1 of at most 3)" in log, log
     resumed = re.search(r"run folder: \S+ \(resuming after epoch (\d+)", log)
     assert resumed and 1 <= int(resumed.group(1)) < epochs, log
     assert log.index("requeueing") < log.index("==== start 2") < resumed.start(), log
@@ -401,9 +411,96 @@ def test_term_to_the_machine_shells_saves(cluster, data, tmp_path):
 
 
 @pytest.mark.slurm
+def test_plain_scancel_term_saves_despite_a_users_accelerate_config(cluster, data, tmp_path):
+    """`scancel --signal=TERM JOB` without --batch reaches the training (an srun step), which
+    saves: exit code 75, no requeue. The script is submitted from a path with a space in it,
+    and the user's own ~/.cache/huggingface/accelerate/default_config.yaml says gpu_ids: '0'
+    and a dynamo backend: the job uses the repository's launch settings and trains on 2 CPU
+    processes, uncompiled."""
+    home = tmp_path / "home"
+    user_config = home / ".cache" / "huggingface" / "accelerate" / "default_config.yaml"
+    user_config.parent.mkdir(parents=True)
+    user_config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_GPU\ngpu_ids: '0'\n"
+        "num_processes: 1\ndynamo_backend: INDUCTOR\nmixed_precision: fp16\n"
+    )
+    spaced = tmp_path / "dir with space"
+    spaced.mkdir()
+    (spaced / "repo").symlink_to(REPO)
+    script = spaced / "repo" / "slurm" / ONE_NODE.name
+    options = ["--epochs", "50", "--batch-size", "8", "--data-dir", str(data["slow"])]
+    env = {k: "" for k in ("HF_HOME", "XDG_CACHE_HOME", "ACCELERATE_CONFIG_FILE")}
+    job = Job.submit(cluster, tmp_path, script, *TRAIN_OPTIONS, *options, HOME=str(home), **env)
+    job.wait_for("the first training step", lambda: first_step_done(job))
+    cluster.run("scancel", "--signal=TERM", job.ref)
+    info = job.wait()
+    time.sleep(2)  # a requeue would turn it PENDING again within this
+    info = job.info()
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "75:0"), job.report()
+    assert info["Restarts"] == "0", job.report()
+    summary = job.summary()
+    assert summary["status"] == "preempted" and summary["stopped_by"] == "SIGTERM", summary
+    assert (summary["world_size"], summary["mixed_precision"]) == (2, "no"), summary
+    assert (job.run_dir / "resume.pt").is_file(), job.report()
+    log = job.log_text()
+    assert f"launch settings: {spaced / 'repo' / 'launch_configs' / CPU_CONFIG.name}" in log, log
+    assert "torch.compile" not in log, log
+    assert "job exit code 75: stopped with its state saved" in log, log
+    assert "requeueing" not in log, log
+
+
+@pytest.mark.slurm
+def test_plain_scancel_usr1_reaches_every_machine_and_requeues(cluster, data, tmp_path):
+    """`scancel --signal=USR1 JOB` without --batch, on two machines: every launcher's
+    training gets it, saves, and the job requeues itself (the batch shell reads the signal
+    from summary.json) and completes with every epoch once."""
+    epochs = 4
+    options = ["--epochs", str(epochs), "--batch-size", "16", "--data-dir", str(data["slow"])]
+    job = Job.submit(
+        cluster, tmp_path, MULTI_NODE, *TRAIN_OPTIONS, *options,
+        NUM_PROCESSES="1", MACHINES_PER_NODE="2",
+    )  # fmt: skip
+    job.wait_for("epoch 1 in metrics.jsonl", lambda: len(job.epochs()) >= 1)
+    assert job.epochs() != list(range(1, epochs + 1)), "the run ended before the signal"
+    cluster.run("scancel", "--signal=USR1", job.ref)
+    job.start_requeued_now()
+    info = job.wait()
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), (
+        job.report()
+    )
+    assert job.epochs() == list(range(1, epochs + 1)), job.report()
+    log = job.log_text()
+    assert f"requeueing {job.ref} (warning requeue 1 of at most 3)" in log, log
+    assert "==== start 2 (warning requeues 1 of at most 3; other requeues 0," in log, log
+    assert job.completion_states() == ["PENDING", "COMPLETED"]
+
+
+@pytest.mark.slurm
+def test_a_preemption_requeue_does_not_spend_the_time_limit_budget(cluster, data, tmp_path):
+    """`scontrol requeue JOB` (what a preemption or a node failure does): SLURM stops the
+    job, the training saves, the job starts again and resumes. The next start counts it as
+    another requeue, not as one of MAX_REQUEUES' warning requeues."""
+    epochs = 4
+    options = ["--epochs", str(epochs), "--batch-size", "16", "--data-dir", str(data["slow"])]
+    job = Job.submit(cluster, tmp_path, ONE_NODE, *TRAIN_OPTIONS, *options, MAX_REQUEUES="1")
+    job.wait_for("epoch 1 in metrics.jsonl", lambda: len(job.epochs()) >= 1)
+    cluster.run("scontrol", "requeue", job.ref)
+    job.start_requeued_now()
+    info = job.wait()
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), (
+        job.report()
+    )
+    assert job.epochs() == list(range(1, epochs + 1)), job.report()
+    log = job.log_text()
+    assert "==== start 2 (warning requeues 0 of at most 1; other requeues 1," in log, log
+    assert "resuming after epoch" in log, log
+
+
+@pytest.mark.slurm
 def test_start_that_saves_nothing_is_not_requeued(cluster, data, tmp_path):
-    """A start warned before it could save must not requeue on an earlier start's
-    summary.json ("preempted"): it would loop for ever without progress."""
+    """Starts warned before they could save must not requeue for ever on an earlier start's
+    summary.json ("preempted"): with MAX_STARTS_WITHOUT_PROGRESS=1, the first such start ends
+    the chain (exit code 79: stopped before it saved anything, below 128 as sacct needs)."""
     options = ["--epochs", "50", "--batch-size", "16", "--data-dir", str(data["slow"])]
     first = Job.submit(
         cluster, tmp_path, ONE_NODE, *TRAIN_OPTIONS, *options, RUN_NAME="no-progress"
@@ -424,6 +521,7 @@ def test_start_that_saves_nothing_is_not_requeued(cluster, data, tmp_path):
         *options,
         RUN_NAME="no-progress",
         PYTHON=str(slow_python(tmp_path)),
+        MAX_STARTS_WITHOUT_PROGRESS="1",
     )
     second.wait_for_log("command: ")
     assert "has saved state: resuming" in second.log_text()
@@ -432,9 +530,9 @@ def test_start_that_saves_nothing_is_not_requeued(cluster, data, tmp_path):
     time.sleep(2)  # a requeue would turn it PENDING again within this
     info = second.info()
     assert info["Restarts"] == "0" and info["JobState"] == "FAILED", second.report()
-    assert info["ExitCode"] == f"{128 + 10}:0", second.report()  # stopped by SIGUSR1 unsaved
+    assert info["ExitCode"] == "79:0", second.report()  # stopped by SIGUSR1 unsaved
     log = second.log_text()
-    assert "not requeued: this start saved no new state" in log, log
+    assert "not requeued: 1 starts in a row saved no new state" in log, log
     assert "requeueing" not in log, log
     assert second.completion_states() == ["FAILED"]
 
@@ -460,9 +558,9 @@ def test_requeue_limit_stops_the_job(cluster, data, tmp_path):
         job.report()
     )
     log = job.log_text()
-    assert "==== start 2 (requeue 1 of at most 1; SLURM_RESTART_COUNT=1)" in log, log
+    assert "==== start 2 (warning requeues 1 of at most 1; other requeues 0," in log, log
     assert "resuming after epoch" in log, log
-    assert "not requeued: the requeue limit is reached (1 requeues, MAX_REQUEUES=1)" in log, log
+    assert "not requeued: the requeue limit is reached (1 warning requeues, MAX_REQUEUES=1)" in log
     assert log.count("requeueing") == 1, log
     assert job.summary()["status"] == "preempted"
     assert job.completion_states() == ["PENDING", "FAILED"]
@@ -571,7 +669,7 @@ def test_sweep_runs_every_line_and_requeues_only_its_task(cluster, data, tmp_pat
     assert slow.epochs() == [1, 2, 3, 4], slow.report()
     log = slow.log_text()
     assert f"sweep tiny: task 3 of 3 lines in {grid}" in log, log
-    assert f"requeueing {array_id}_3 (requeue 1 of at most 3)" in log, log
+    assert f"requeueing {array_id}_3 (warning requeue 1 of at most 3)" in log, log
     assert "resuming after epoch" in log, log
     for task in (1, 2):
         assert tasks[task].completion_states() == ["COMPLETED"], tasks[task].report()
@@ -611,11 +709,9 @@ def scontrol_calls(tmp_path: Path) -> list[str]:
 SAVE_RESUME = 'echo state > "$RUN_DIR/.r" && mv "$RUN_DIR/.r" "$RUN_DIR/resume.pt"'
 
 
-def write_summary(status: str) -> str:
-    return (
-        f"""echo '{{"status": "{status}"}}' > "$RUN_DIR/.s" && """
-        'mv "$RUN_DIR/.s" "$RUN_DIR/summary.json"'
-    )
+def write_summary(status: str, **fields: str) -> str:
+    summary = json.dumps({"status": status, **fields})
+    return f'echo \'{summary}\' > "$RUN_DIR/.s" && mv "$RUN_DIR/.s" "$RUN_DIR/summary.json"'
 
 
 TORCHRUN_REPORT = """\
@@ -628,91 +724,69 @@ Root Cause (first observed failure):
   rank      : 0 (local_rank: 0)
   exitcode  : 2 (pid: 11)
 """
+KILLED_REPORT = TORCHRUN_REPORT.replace("exitcode  : 2", "exitcode  : -9")
+SAVED_PREEMPTED = f"{SAVE_RESUME}; {write_summary('preempted')}"
 
-
-# Each case: (earlier state, what this start did, stop signal, launcher's code, restarts,
-#             exit code, requeued)
+# Each case: (earlier state, what this start did, the batch shell's stop signal, the step's
+#             code, the job's Comment (its requeue counts), exit code, requeued)
 END_CASES = {
-    "completed": ("", write_summary("completed"), "", 0, 0, 0, False),
+    "completed": ("", write_summary("completed"), "", 0, "", 0, False),
     "warned, saved: requeue": (
-        write_summary("preempted"),
-        f"{SAVE_RESUME}; {write_summary('preempted')}",
-        "USR1",
-        1,
-        0,
-        75,
-        True,
+        write_summary("preempted"), SAVED_PREEMPTED, "USR1", 1, "", 75, True,
     ),
-    "warned, nothing saved, old summary preempted": (
-        f"{SAVE_RESUME}; {write_summary('preempted')}",
-        "",
-        "USR1",
-        143,
-        1,
-        138,
-        False,
+    "warned, nothing saved, after progress: requeue once": (
+        SAVED_PREEMPTED, "", "USR1", 143, "fmnist:time=1,idle=0", 75, True,
+    ),
+    "warned, nothing saved, the second start in a row": (
+        SAVED_PREEMPTED, "", "USR1", 143, "fmnist:time=2,idle=1", 79, False,
     ),
     "warned, saved, requeue limit reached": (
-        "",
-        f"{SAVE_RESUME}; {write_summary('preempted')}",
-        "USR1",
-        1,
-        3,
-        75,
-        False,
+        "", SAVED_PREEMPTED, "USR1", 1, "fmnist:time=3,idle=0", 75, False,
     ),
     "warned in the last epoch: completed": (
-        "",
-        f"{SAVE_RESUME}; {write_summary('completed')}",
-        "USR1",
-        1,
-        0,
-        0,
+        "", f"{SAVE_RESUME}; {write_summary('completed', ending='done')}", "USR1", 1, "", 0, False,
+    ),
+    "warned during the end, which was cut short: requeue": (
+        "", write_summary("completed", ending="pending"), "USR1", 1, "", 75, True,
+    ),
+    "SIGUSR1 to the step alone (scancel --signal=USR1): requeue": (
+        "", f"{SAVE_RESUME}; {write_summary('preempted', stopped_by='SIGUSR1')}", "", 0, "", 75,
+        True,
+    ),
+    "SIGTERM to the step alone: saved, not requeued": (
+        "", f"{SAVE_RESUME}; {write_summary('preempted', stopped_by='SIGTERM')}", "", 0, "", 75,
         False,
     ),
-    "diverged": ("", f"{SAVE_RESUME}; {write_summary('diverged')}", "", 1, 0, 3, False),
+    "diverged": ("", f"{SAVE_RESUME}; {write_summary('diverged')}", "", 1, "", 3, False),
+    "write failed": ("", write_summary("write-failed"), "", 1, "", 74, False),
     "bad input under torchrun": (
-        "",
-        'printf \'%s\' "$REPORT" >> "$STDERR_FILE"',
-        "",
-        1,
-        0,
-        2,
-        False,
+        "", 'printf \'%s\' "$REPORT" >> "$STDERR_FILE"', "", 1, "", 2, False,
+    ),
+    "a process killed by SIGKILL: not 137, which sacct would show as 9": (
+        "", 'printf \'%s\' "$KILLED" >> "$STDERR_FILE"', "", 1, "", 1, False,
     ),
     "bad input, report from an earlier start": (
-        'printf \'%s\' "$REPORT" >> "$STDERR_FILE"',
-        "",
-        "",
-        1,
-        0,
-        1,
-        False,
+        'printf \'%s\' "$REPORT" >> "$STDERR_FILE"', "", "", 1, "", 1, False,
     ),
-    "already ended: completed": (write_summary("completed"), "", "", 0, 0, 0, False),
-    "already ended: diverged": (write_summary("diverged"), "", "", 0, 0, 3, False),
-    "cancelled, saved": (
-        "",
-        f"{SAVE_RESUME}; {write_summary('preempted')}",
-        "TERM",
-        1,
-        0,
-        75,
-        False,
-    ),
-    "cancelled, saved, no summary": ("", SAVE_RESUME, "TERM", 0, 0, 75, False),
-}
+    "already ended: completed": (write_summary("completed"), "", "", 0, "", 0, False),
+    "already ended: diverged": (write_summary("diverged"), "", "", 0, "", 3, False),
+    "cancelled, saved": ("", SAVED_PREEMPTED, "TERM", 1, "", 75, False),
+    "cancelled, saved, no summary": ("", SAVE_RESUME, "TERM", 0, "", 75, False),
+    "cancelled before it saved anything": ("", "", "TERM", 143, "", 79, False),
+}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(END_CASES))
 def test_end_of_start_decision(tmp_path, case):
-    before, during, stop, rc, restarts, expected_code, requeued = END_CASES[case]
+    before, during, stop, rc, comment, expected_code, requeued = END_CASES[case]
     run_dir = tmp_path / "runs" / "r"
     run_dir.mkdir(parents=True)
     stderr_file = tmp_path / "job.out"
     stderr_file.write_text("earlier starts' lines\n")
     script = f"""
-        RUN_DIR={run_dir} RUN_NAME=r STDERR_FILE={stderr_file} MAX_REQUEUES=3 RESTARTS={restarts}
+        RUN_DIR={run_dir} RUN_NAME=r STDERR_FILE={stderr_file} MAX_REQUEUES=3 RESTARTS=0
+        MAX_STARTS_WITHOUT_PROGRESS=2 JOB_RECORD="JobId=7 Comment={comment or "(null)"}"
+        read_chain
         {before or ":"}
         STDERR_OFFSET=$(stat -c %s "$STDERR_FILE")
         START_STATE=$(run_files_state)
@@ -720,13 +794,36 @@ def test_end_of_start_decision(tmp_path, case):
         STOP={stop} CHILD_RC={rc}
         end_job
     """
-    result = run_lib(tmp_path, script, REPORT=TORCHRUN_REPORT, SLURM_JOB_ID="7")
+    env = {"REPORT": TORCHRUN_REPORT, "KILLED": KILLED_REPORT, "SLURM_JOB_ID": "7"}
+    result = run_lib(tmp_path, script, **env)
     output = result.stdout + result.stderr
     assert result.returncode == expected_code, output
     calls = scontrol_calls(tmp_path)
-    assert calls == (["requeue 7"] if requeued else []), output
+    assert [c for c in calls if c.startswith("requeue")] == (["requeue 7"] * requeued), output
     if not requeued:
         assert f"job exit code {expected_code}" in output, output
+    assert expected_code < 128  # sacct shows 128 + N as the signal N
+
+
+def test_requeue_counts_live_in_the_jobs_comment(tmp_path):
+    """A requeue for the warning counts in the job's Comment (time=), a start that saved
+    nothing too (idle=); SLURM's own requeues (SLURM_RESTART_COUNT) spend neither."""
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    script = f"""
+        RUN_DIR={run_dir} RUN_NAME=r STDERR_FILE=/nonexistent MAX_REQUEUES=3 RESTARTS=5
+        MAX_STARTS_WITHOUT_PROGRESS=2 JOB_RECORD="JobId=7 Comment=fmnist:time=1,idle=0"
+        read_chain
+        START_STATE=$(run_files_state)
+        STOP=USR1 CHILD_RC=143
+        end_job
+    """
+    result = run_lib(tmp_path, script, SLURM_JOB_ID="7")
+    assert result.returncode == 75, result.stdout + result.stderr
+    assert scontrol_calls(tmp_path) == [
+        "update JobId=7 Comment=fmnist:time=2,idle=1",
+        "requeue 7",
+    ]
 
 
 def test_array_task_requeues_only_itself(tmp_path):
@@ -734,6 +831,8 @@ def test_array_task_requeues_only_itself(tmp_path):
     run_dir.mkdir(parents=True)
     script = f"""
         RUN_DIR={run_dir} RUN_NAME=r STDERR_FILE=/nonexistent MAX_REQUEUES=3 RESTARTS=0
+        MAX_STARTS_WITHOUT_PROGRESS=2 JOB_RECORD="JobId=40"
+        read_chain
         START_STATE=$(run_files_state)
         {SAVE_RESUME}
         STOP=USR1 CHILD_RC=1
@@ -742,7 +841,8 @@ def test_array_task_requeues_only_itself(tmp_path):
     env = {"SLURM_JOB_ID": "40", "SLURM_ARRAY_JOB_ID": "40", "SLURM_ARRAY_TASK_ID": "3"}
     result = run_lib(tmp_path, script, **env)
     assert result.returncode == 75, result.stdout + result.stderr
-    assert scontrol_calls(tmp_path) == ["requeue 40_3"]
+    assert [c for c in scontrol_calls(tmp_path) if c.startswith("requeue")] == ["requeue 40_3"]
+    assert "update JobId=40_3 Comment=fmnist:time=1,idle=0" in scontrol_calls(tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -53,7 +53,8 @@ class StopRequest:
         return signal.Signals(self.signum).name if self.signum else ""
 
     def install(self) -> StopRequest:
-        """From the main thread (Python allows signal handlers nowhere else)."""
+        """From the main thread (Python allows signal handlers nowhere else). A request kept
+        in STOP_FILE_VARIABLE's file by whatever started this process counts as received."""
         receive, send = socket.socketpair()
         send.setblocking(False)
         self._sockets = (receive, send)
@@ -64,6 +65,11 @@ class StopRequest:
             self._previous[signum] = signal.signal(signum, _ignore_here)
         self._thread = threading.Thread(target=self._watch, name="stop-signals", daemon=True)
         self._thread.start()
+        kept = _kept_request()
+        if kept is not None and self.signum is None:
+            self._first_at = time.monotonic()
+            self.signum = kept
+            _say(f"{WHO}a stop request ({signal.Signals(kept).name}) came during the start-up")
         return self
 
     def uninstall(self) -> None:
@@ -114,6 +120,23 @@ class StopRequest:
             )
         if self.on_first_signal is not None:
             self.on_first_signal(signum)
+
+
+# A file where the SLURM scripts' per-machine shell keeps a stop request (its signal's name)
+# that came while this process was starting, with the stop signals still ignored (slurm/lib.sh).
+STOP_FILE_VARIABLE = "FMNIST_ACCEL_STOP_FILE"
+
+
+def _kept_request() -> int | None:
+    path = os.environ.get(STOP_FILE_VARIABLE)
+    if not path:
+        return None
+    try:
+        with open(path) as f:
+            name = f.read().strip()
+    except OSError:
+        return None
+    return getattr(signal, name, signal.SIGTERM) if name.startswith("SIG") else signal.SIGTERM
 
 
 def _ignore_here(signum, frame) -> None:

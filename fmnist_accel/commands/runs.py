@@ -48,28 +48,38 @@ def figure(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def table_rows(runs: list[RunInfo]) -> list[list[str]]:
+def best_run(runs: list[RunInfo]) -> RunInfo | None:
+    """The run with the highest best validation accuracy (the first in name order on a tie):
+    chosen on validation, never on test accuracy."""
+    scored = [r for r in runs if r.best_valid_accuracy is not None]
+    return max(
+        sorted(scored, key=lambda r: r.name), key=lambda r: r.best_valid_accuracy, default=None
+    )
+
+
+def table_rows(runs: list[RunInfo], best: RunInfo | None = None) -> list[list[str]]:
     rows = []
     for r in runs:
         epochs = "-" if r.epochs is None else str(r.epochs)
         if r.max_epochs is not None and r.epochs is not None:
             epochs += f"/{r.max_epochs}"
-        best = figure(r.best_valid_accuracy)
+        valid = figure(r.best_valid_accuracy)
         if r.best_epoch is not None:
-            best += f" ({r.best_epoch})"
+            valid += f" ({r.best_epoch})"
         status = r.status + (f" (pid {r.pid})" if r.pid else "")
         rows.append(
             [
-                r.name,
+                ("* " if r is best else "") + r.name,
                 r.model or "-",
                 r.recipe or "-",
                 status,
                 epochs,
-                best,
+                valid,
                 figure(r.test_accuracy),
                 duration(r.train_time),
                 "-" if r.processes is None else str(r.processes),
                 r.precision or "-",
+                r.slurm_job or "-",
                 "; ".join(r.problems),
             ]
         )
@@ -87,11 +97,12 @@ COLUMNS = (
     "time",
     "procs",
     "precision",
+    "slurm job",
     "problems",
 )
 
 
-def print_table(runs: list[RunInfo]) -> None:
+def print_table(runs: list[RunInfo], best: RunInfo | None) -> None:
     from rich.console import Console
     from rich.table import Table
     from rich.text import Text
@@ -103,12 +114,12 @@ def print_table(runs: list[RunInfo]) -> None:
     for name in COLUMNS:
         numeric = name in ("epochs", "test acc", "time", "procs")
         table.add_column(name, justify="right" if numeric else "left", overflow="fold")
-    for row in table_rows(runs):
+    for row in table_rows(runs, best):
         table.add_row(*map(Text, row))  # Text: a run name may hold [brackets], not markup
     console.print(table)
 
 
-def run_runs(output_dir: str, sort: str, as_json: bool) -> int:
+def run_runs(output_dir: str, sort: str, as_json: bool, sweep: str | None = None) -> int:
     folder = Path(output_dir)
     if not folder.is_dir():
         raise UserError(
@@ -118,10 +129,22 @@ def run_runs(output_dir: str, sort: str, as_json: bool) -> int:
         runs = sort_runs(list_runs(folder), sort)
     except OSError as exc:
         raise UserError(f"cannot list {output_dir}: {exc.strerror or exc}") from None
+    best = None
+    if sweep is not None:
+        runs = [r for r in runs if r.sweep == sweep]
+        if not runs:
+            sweeps = sorted({r.sweep for r in list_runs(folder) if r.sweep})
+            known = f"sweeps there: {', '.join(sweeps)}" if sweeps else "no run there is in a sweep"
+            raise UserError(f"no runs of sweep {sweep!r} in {output_dir} ({known})")
+        best = best_run(runs)
     if as_json:
-        print(json.dumps([r.public() for r in runs]))
+        print(
+            json.dumps([r.public() | ({"best_in_sweep": r is best} if sweep else {}) for r in runs])
+        )
     elif not runs:
         print(f"no runs in {output_dir}")
     else:
-        print_table(runs)
+        print_table(runs, best)
+        if best is not None:
+            print(f"* best validation accuracy of sweep {sweep}: {best.name}")
     return 0

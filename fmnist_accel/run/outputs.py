@@ -30,11 +30,11 @@ from ..cluster.shared_errors import main_process_writes
 from ..config import TrainConfig
 from ..engine.loop import EpochProgress
 from ..engine.models import count_parameters
-from ..store import layout
+from ..store import layout, provenance
 from ..store.atomic import atomic_copy, atomic_write_text, write_failed
 from ..store.checkpoint import checkpoint_epoch, save_model_checkpoint, save_resume_state
 from ..store.run_folder import read_json, remove_unused
-from ..store.run_info import read_metrics
+from ..store.run_info import read_metrics, read_starts
 from .hparams import PARTIAL_PREFIX, SUFFIX, entry_events, entry_file_name, run_entry
 
 if TYPE_CHECKING:
@@ -62,7 +62,19 @@ def start_outputs(s: Session, state: dict | None) -> None:
             s.metrics.keep_epochs_up_to(s.start_epoch)
             if state is not None:
                 repair_checkpoints(s, state)
+            record_start(s.run_dir, s.reporter.print)
     open_tensorboard(accelerator, s.run_dir, s.start_epoch + 1)
+
+
+def record_start(run_dir: Path, say: Callable[[str], None]) -> None:
+    """Add this start to provenance.json; say so when it runs other code than the first."""
+    starts = read_starts(run_dir)
+    now = provenance.this_start()
+    note = provenance.code_change_note(starts[0] if starts else None, now)
+    if note:
+        say(note)
+    text = json.dumps({"starts": [*starts, now]}, indent=2) + "\n"
+    atomic_write_text(run_dir / layout.PROVENANCE, text)
 
 
 def open_tensorboard(accelerator, run_dir: Path, purge_step: int) -> None:
@@ -201,8 +213,11 @@ def checkpoint_metadata(cfg: TrainConfig, record: dict, n_params: int) -> dict:
     }
 
 
-def write_summary(s: Session, status: str, detail: str, epoch: int | None) -> None:
-    """summary.json, with where every rank ended: they must agree. Collective."""
+def write_summary(
+    s: Session, status: str, detail: str, epoch: int | None, stopped_by: str | None = None
+) -> None:
+    """summary.json, with where every rank ended: they must agree. Collective. stopped_by:
+    the stop signal the main process got (SIGUSR1 asks a SLURM job to requeue)."""
     from accelerate.utils import gather_object
 
     ranks = gather_object(
@@ -229,6 +244,8 @@ def write_summary(s: Session, status: str, detail: str, epoch: int | None) -> No
         }
         if status in layout.SUCCESSFUL_STATUSES:
             summary["ending"] = layout.ENDING_PENDING  # write_ending says done
+        if stopped_by:
+            summary["stopped_by"] = stopped_by
     with main_process_writes(s.accelerator):
         if s.accelerator.is_main_process:
             atomic_write_text(s.run_dir / layout.SUMMARY, json.dumps(summary, indent=2) + "\n")

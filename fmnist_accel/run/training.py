@@ -77,9 +77,13 @@ class RunEnd(NamedTuple):
 # --------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------
-def train(explicit: dict[str, Any], program: str = "fmnist-accel") -> int:
+def train(
+    explicit: dict[str, Any],
+    program: str = "fmnist-accel",
+    stop_request: StopRequest | None = None,
+) -> int:
     """Run training with the options the user gave (None = not given). Returns the exit code.
-    program: the command's name in error lines."""
+    program: the command's name in error lines; stop_request: installed already (cli.py)."""
     explicit = restarts.restarted_options(explicit)  # a restarted group resumes the run
     cfg = resolve_config(explicit)
     try:
@@ -89,12 +93,18 @@ def train(explicit: dict[str, Any], program: str = "fmnist-accel") -> int:
     if cfg.deterministic:
         # cuBLAS is deterministic only with a fixed workspace; it must be set before CUDA starts.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # From the start: a stop request during the start-up (reading the data, joining the
+    # group) is kept and acted on at the first check. Never uninstalled: a copy of the same
+    # request that comes while this process writes its last lines and exits is ignored (the
+    # default handling would kill it), and a later signal still exits at once.
+    if stop_request is None:
+        stop_request = StopRequest().install()
     # Outside the error handling below: a process that hung or died cannot meet the others
     # at the barrier of say_it_and_leave_together, so every rank says that one itself.
     with collectives_fail_in_one_line(cfg.collective_timeout):
         accelerator = make_training_accelerator(cfg)
         try:
-            return run_training(accelerator, explicit, program)
+            return run_training(accelerator, explicit, program, stop_request)
         except UserError as exc:  # the same on every rank: the main one says it before any exits
             say_it_and_leave_together(accelerator, exc, program)
             raise
@@ -104,9 +114,16 @@ def train(explicit: dict[str, Any], program: str = "fmnist-accel") -> int:
             end_accelerator(accelerator)
 
 
-def run_training(accelerator, explicit: dict[str, Any], program: str) -> int:
+def run_training(
+    accelerator, explicit: dict[str, Any], program: str, stop_request: StopRequest
+) -> int:
     reporter = Reporter(accelerator.is_main_process)
     plan = share_plan(accelerator, explicit)
+    if check_stop(accelerator, bool(stop_request))[0]:  # all ranks alike: before any write
+        if plan.resume_state is None:
+            outputs.discard_unused_run(accelerator, plan)
+        reporter.print(f"stopped by {stop_request.name} before training began: nothing saved")
+        return EXIT_PREEMPTED
     if plan.finished:
         reporter.print(f"run {plan.run_dir} already ended ({plan.finished}); nothing to do")
         return EXIT_OK
@@ -126,10 +143,6 @@ def run_training(accelerator, explicit: dict[str, Any], program: str) -> int:
     outputs.start_outputs(s, plan.resume_state)
     print_header(s, resumed)
 
-    # Never uninstalled: a copy of the same request that comes while this process writes its
-    # last lines and exits is ignored (the default handling would kill it), and a later
-    # signal still exits at once.
-    stop_request = StopRequest().install()
     try:
         end = train_epochs(s, stop_request, program)
     except WriteFailed as exc:  # every rank has it (shared_errors.main_process_writes)
@@ -137,7 +150,8 @@ def run_training(accelerator, explicit: dict[str, Any], program: str) -> int:
         with suppress(WriteFailed):  # summary.json if the disk still takes it
             outputs.write_summary(s, layout.WRITE_FAILED, detail, None)
         raise WriteFailed(detail) from None
-    outputs.write_summary(s, end.status, end.detail, end.epoch)
+    stopped_by = stop_request.name if end.status == layout.PREEMPTED else None
+    outputs.write_summary(s, end.status, end.detail, end.epoch, stopped_by)
     # A stop signal from here on changes nothing: the end takes seconds, and a run cut short
     # in it has its end completed by the next start (summary.json: ending pending).
     stop_request.after_last_epoch = True
@@ -331,7 +345,7 @@ def save_at_once(s: Session, fence: StepFence, epoch: int, signum: int, program:
         try:
             outputs.save_resume(s, epoch - 1, progress, fence.snapshot)
             detail = stopped_detail(signal.Signals(signum).name, epoch, progress.step, s.run_dir)
-            outputs.write_summary(s, layout.PREEMPTED, detail, epoch)
+            outputs.write_summary(s, layout.PREEMPTED, detail, epoch, signal.Signals(signum).name)
             outputs.write_ending(s.accelerator, s.run_dir, Ending(), s.reporter.print)  # HParams
         except WriteFailed as exc:
             detail = f"{exc}; free some space, then resume with --resume {s.run_dir}"

@@ -10,6 +10,7 @@ typing: `runs` and `plot` read run folders on a login node without torch.
       last.safetensors     weights of the latest finished epoch (+ metadata)
       resume.pt            everything needed to continue the run (--resume)
       summary.json         how the run ended (a Summary), written when it ends, also when stopped
+      provenance.json      one Start per start of the run: code version, SLURM job, sweep
       tensorboard/         TensorBoard events
       .lock                held (flock) by the training process that uses the folder
 
@@ -25,6 +26,7 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 RESUME = "resume.pt"
 SUMMARY = "summary.json"
+PROVENANCE = "provenance.json"
 LOCK = ".lock"
 TENSORBOARD = "tensorboard"
 
@@ -44,7 +46,7 @@ def checkpoint_path(run_dir: str | Path, name: str) -> Path:
 
 CHECKPOINT_FILES = tuple(checkpoint_file(name) for name in CHECKPOINT_NAMES)
 # The files a run writes, each replaced whole (a folder of that name is in the way).
-RUN_FILES = (CONFIG, METRICS, RESUME, SUMMARY, *CHECKPOINT_FILES)
+RUN_FILES = (CONFIG, METRICS, RESUME, SUMMARY, PROVENANCE, *CHECKPOINT_FILES)
 
 # How a run ended: summary.json's "status".
 COMPLETED = "completed"
@@ -107,4 +109,15 @@ class Summary(TypedDict, total=False):
     elapsed: float  # as EpochRecord.elapsed, at the end
     ranks: list  # where each rank ended: {"rank", "epoch", "lr", "early_stopping_bad_epochs"}
     ending: str  # SUCCESSFUL_STATUSES only: ENDING_PENDING, then ENDING_DONE
+    stopped_by: str  # PREEMPTED by a signal: its name (SIGTERM, SIGUSR1...) as the main got it
     final_test: FinalTest  # once the run has ended successfully and --final-test
+
+
+class Start(TypedDict):
+    """One entry of provenance.json's "starts": where a start of the run came from."""
+
+    time: float  # seconds since the epoch
+    host: str
+    code: dict  # {"version", "commit", "dirty", "changes"} (store/provenance.code_version)
+    slurm_job: str | None  # 1234, or 1230_4 for an array task
+    sweep: str | None  # the sweep's name (slurm/sweep.sbatch), else None

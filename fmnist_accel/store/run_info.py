@@ -20,6 +20,7 @@ from .layout import (
     LOCK,
     METRICS,
     PREEMPTED,
+    PROVENANCE,
     RESUME,
     STATUSES,
     SUMMARY,
@@ -50,6 +51,9 @@ class RunInfo:
     train_time: float | None = None  # seconds of training and validation, resumes included
     processes: int | None = None
     precision: str | None = None
+    slurm_job: str | None = None  # the SLURM job of the latest start (1230_4: array task 4)
+    sweep: str | None = None  # the sweep the run belongs to (slurm/sweep.sbatch)
+    starts: int | None = None  # how many times the run was started (requeues, resumes)
     pid: int | None = None  # the process holding the run's lock, while it runs
     started: float | None = None  # config.json's modification time (written at the start)
     problems: list[str] = field(default_factory=list)
@@ -108,6 +112,15 @@ def number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         return None
     return value
+
+
+def read_starts(run_dir: Path) -> list[dict]:
+    """provenance.json's starts, oldest first; [] when absent or unreadable (an older run)."""
+    value, _ = read_json_object(Path(run_dir) / PROVENANCE)
+    starts = value.get("starts") if value else None
+    if not isinstance(starts, list):
+        return []
+    return [s for s in starts if isinstance(s, dict)]
 
 
 def best_valid(records: list[dict]) -> tuple[float | None, int | None]:
@@ -213,6 +226,13 @@ def fill_facts(info: RunInfo) -> None:
     info.train_time = elapsed
     info.processes = integer(summary.get("world_size"))
     info.precision = text(summary.get("mixed_precision")) or text(config.get("mixed_precision"))
+    if info.precision == "no":
+        info.precision = "fp32"
+    starts = read_starts(Path(info.path))
+    if starts:
+        info.starts = len(starts)
+        info.slurm_job = text(starts[-1].get("slurm_job"))
+        info.sweep = next((text(s.get("sweep")) for s in starts if text(s.get("sweep"))), None)
 
 
 def missing_files(info: RunInfo, entries: set[str]) -> list[str]:

@@ -210,7 +210,8 @@ MpiDefault=none
 ReturnToService=2
 # Finished jobs stay visible to `scontrol show job` for 10 minutes.
 MinJobAge=600
-KillWait=10
+# As a production cluster has it: 30 s between SIGTERM and SIGKILL.
+KillWait=30
 SlurmctldTimeout=30
 SlurmdTimeout=60
 InactiveLimit=0
@@ -268,6 +269,11 @@ PartitionName=debug Nodes={self.node} Default=YES MaxTime=INFINITE State=UP
         """True when the node runs nothing (and is not cleaning up after a job)."""
         state = self.run("sinfo", "-h", "-n", self.node, "-o", "%T", check=False).stdout
         return state.strip().rstrip("*") == "idle"
+
+    def job_has_processes(self, job_id: str) -> bool:
+        """True while slurmd still has processes of the job (an ended start being killed)."""
+        out = self.run("scontrol", "listpids", job_id, check=False)
+        return out.returncode == 0 and len(out.stdout.strip().splitlines()) > 1
 
     def logs(self, tail: int = 40) -> str:
         """The last lines of every daemon log (for failure messages)."""
