@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -353,12 +354,29 @@ def check_config(cfg: TrainConfig) -> None:
             )
         if cfg.early_stopping:
             raise ValueError("--valid-size 0 leaves no validation loss; add --no-early-stopping")
+    if cfg.batch_size < 2 and cfg.model in BATCHNORM_1D_MODELS:
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} with --model {cfg.model}: its BatchNorm1d layer "
+            "cannot normalise a batch of one image in training; use --batch-size 2 or more"
+        )
     if cfg.ema_decay >= 1:
         raise ValueError(f"--ema-decay must be below 1, got {cfg.ema_decay}")
     if cfg.label_smoothing >= 1:
         raise ValueError(f"--label-smoothing must be below 1, got {cfg.label_smoothing}")
     if cfg.plateau_factor >= 1:
         raise ValueError(f"--plateau-factor must be below 1, got {cfg.plateau_factor}")
+
+
+# A run name is a folder name, a log-line word and a TensorBoard run: a safe set of
+# characters (a newline would break log lines; bytes that are not UTF-8, TensorBoard), and
+# short enough that ".<name>.<random>.tmp" files next to it stay within 255 bytes.
+RUN_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9._\-+=@,]")
+MAX_RUN_NAME = 200
+
+
+# Models with a BatchNorm1d layer (engine/models.py; a test keeps this list true): in
+# training it needs 2 images per batch (BatchNorm2d has every pixel of a channel).
+BATCHNORM_1D_MODELS = ("cnn-bn",)
 
 
 def check_paths(cfg: TrainConfig) -> None:
@@ -375,4 +393,16 @@ def check_paths(cfg: TrainConfig) -> None:
         raise ValueError(
             f"--run-name {name!r} is not a plain folder name: it names the run's folder inside "
             "--output-dir (give the parent folder as --output-dir)"
+        )
+    bad = sorted(set(RUN_NAME_UNSAFE.findall(name)))
+    if bad or name.startswith(("-", ".")):
+        shown = ", ".join(repr(c) for c in bad) if bad else f"a leading {name[0]!r}"
+        raise ValueError(
+            f"--run-name {name.encode('utf-8', 'backslashreplace').decode()!r} has {shown}: "
+            "use letters, digits and . _ - + = @ , (not first: . or -)"
+        )
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_RUN_NAME:
+        raise ValueError(
+            f"--run-name is {len(name)} characters long: at most {MAX_RUN_NAME} (it names a "
+            "folder, and file systems allow 255 bytes with room for the run's temporary files)"
         )

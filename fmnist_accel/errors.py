@@ -32,6 +32,13 @@ class TrainingDiverged(UserError):
     exit_code = EXIT_DIVERGED
 
 
+class OutputsOverflowed(UserError):
+    """A checkpoint's weights are finite but its outputs are not (logits overflow): the
+    model is as unusable as one whose loss went non-finite in training."""
+
+    exit_code = EXIT_DIVERGED
+
+
 class CollectiveFailure(UserError):
     """Another process of the run stopped answering (the collective timeout) or died. Not the
     user's input, and not deliberate: a launcher with --max_restarts restarts the group."""

@@ -35,15 +35,33 @@ def new_figure(name: str, layout: str | None = "constrained"):
     return figure
 
 
-def subtitle(report: dict) -> str:
-    """'mlp, RUN/best.safetensors (epoch 12), test split: 10,000 images, accuracy 0.9016'."""
+def title(kind: str, report: dict, figure_name: str) -> str:
+    """Three lines that fit the figure's width at TITLE_SIZE, whatever the run's name:
+
+        Per-class accuracy
+        test split, 10,000 images: accuracy 0.9016 (flip TTA)
+        mlp, RUN/best.safetensors (epoch 12)
+
+    The figures come first; a run name too long for the line is shortened in its middle."""
+    width = int(SIZES[figure_name][0] * CHARS_PER_INCH)
     checkpoint = "/".join(Path(str(report.get("checkpoint", "?"))).parts[-2:])
-    tta = ", flip TTA" if report.get("tta") else ""
-    return (
-        f"{report.get('model')}, {checkpoint} (epoch {report.get('epoch')}){tta}, "
-        f"{report['split']} split: {report['num_samples']:,} images, "
-        f"accuracy {report['accuracy']:.4f}"
+    tta = " (flip TTA)" if report.get("tta") else ""
+    figures = (
+        f"{report['split']} split, {report['num_samples']:,} images: "
+        f"accuracy {report['accuracy']:.4f}{tta}"
     )
+    source = f"{report.get('model')}, {checkpoint} (epoch {report.get('epoch')})"
+    if len(source) > width:
+        keep = (width - 1) // 2
+        source = source[:keep] + "…" + source[-keep:]
+    return f"{kind}\n{figures}\n{source}"
+
+
+# Characters of a title line per inch of figure at TITLE_SIZE points, with a margin: an
+# average DejaVu Sans character is about 0.6 of the font size wide (11 pt: 6.6 pt; 72 pt
+# an inch).
+TITLE_SIZE = 11
+CHARS_PER_INCH = 9.5
 
 
 def confusion_matrix_figure(report: dict):
@@ -66,7 +84,7 @@ def confusion_matrix_figure(report: dict):
     ax.set_yticks(ticks, names)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    ax.set_title(f"Confusion matrix\n{subtitle(report)}", fontsize=11)
+    figure.suptitle(title("Confusion matrix", report, "confusion_matrix"), fontsize=TITLE_SIZE)
     bar = figure.colorbar(image, ax=ax, shrink=0.8)
     bar.set_label("share of the true class")
     return figure
@@ -101,7 +119,7 @@ def per_class_accuracy_figure(report: dict):
     ax.set_xlim(0, 1.18)  # room for the labels right of a bar at 1.0
     ax.set_xticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     ax.set_xlabel("accuracy on the images of the class (their count in brackets)")
-    ax.set_title(f"Per-class accuracy\n{subtitle(report)}", fontsize=11)
+    figure.suptitle(title("Per-class accuracy", report, "per_class_accuracy"), fontsize=TITLE_SIZE)
     ax.grid(axis="x", alpha=0.3)
     return figure
 
@@ -114,12 +132,13 @@ def mistakes_figure(report: dict, mistakes: list):
     # every training run.
     figure = new_figure("mistakes", layout=None)
     figure.suptitle(
-        f"Most confident mistakes ({len(mistakes)} shown)\n{subtitle(report)}", fontsize=11
+        title(f"Most confident mistakes ({len(mistakes)} shown)", report, "mistakes"),
+        fontsize=TITLE_SIZE,
     )
     axes = figure.subplots(
         MISTAKE_ROWS,
         MISTAKE_COLUMNS,
-        gridspec_kw={"left": 0.01, "right": 0.99, "bottom": 0.01, "top": 0.89, "hspace": 0.3},
+        gridspec_kw={"left": 0.01, "right": 0.99, "bottom": 0.01, "top": 0.87, "hspace": 0.3},
     )
     for ax in axes.flat:
         ax.set_axis_off()

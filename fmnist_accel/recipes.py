@@ -78,3 +78,10 @@ RECIPES: dict[str, dict[str, Any]] = {
         "crop_padding": 1,  # shifts of up to 1 pixel, and flips
     },
 }
+
+# Recipes that pick their precision on a CPU (run/training.py, cluster/accelerator.
+# cpu_precision): bf16
+# where the CPU has bf16 instructions (AVX512-BF16 or AMX), 1.2 to 1.5 times fp32's images/s
+# there (benchmarks/RESULTS.md); fp32 elsewhere, where bf16 is emulated and slower. A
+# --mixed-precision of the user's or the launcher's wins.
+CPU_PRECISION_RECIPES = ("fast", "accurate", "accurate-long")

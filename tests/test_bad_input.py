@@ -220,8 +220,8 @@ def make_bad_checkpoint(ws: Workspace, kind: str) -> tuple[Path, tuple[str, ...]
         meta["epoch"] = "two"
         expected = (f"{path} has damaged metadata: epoch is 'two', not a number of epochs",)
     else:
-        assert kind == "other-architecture"  # mlp weights, metadata that says cnn
-        meta["model"] = "cnn"
+        assert kind == "other-architecture"  # mlp weights, metadata that says cnn throughout
+        meta["model"] = meta["config"]["model"] = "cnn"
         expected = (f"{path} does not fit the cnn architecture its metadata names", "missing")
     save_file(weights, path, metadata={METADATA_KEY: json.dumps(meta)})
     return path, expected
@@ -370,8 +370,13 @@ def test_no_runs(ws, cli):
 def test_unknown_model(ws, cli):
     before = ws.snapshot()
     res = cli("train", "--model", "vgg16", "--data-dir", ws.data, "--output-dir", ws.runs)
-    assert_one_line_error(res, "Invalid value for '--model': 'vgg16' is not one of 'mlp'")
+    line = assert_one_line_error(res, "Invalid value for '--model': 'vgg16' is not one of 'mlp'")
     check_nothing_damaged(ws, before)
+    from fmnist_accel.engine.models import MODELS
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "bad-input.md").read_text()
+    listed = ", ".join(repr(name) for name in MODELS)
+    assert listed in line and listed in doc, "docs/bad-input.md must list every model"
 
 
 @pytest.mark.parametrize(
@@ -624,7 +629,8 @@ def test_exit_codes_are_the_documented_ones():
 
 
 def test_every_case_in_the_docs_has_a_test_and_every_test_a_row():
-    """docs/bad-input.md: one row per case, naming its tests, which must exist here."""
+    """docs/bad-input.md: one row per case, naming its tests, which must exist here (or, for
+    export and predict --onnx, as test_bad_input_* in tests/test_export.py)."""
     doc = Path(__file__).resolve().parents[1] / "docs" / "bad-input.md"
     rows = [
         line
@@ -635,10 +641,12 @@ def test_every_case_in_the_docs_has_a_test_and_every_test_a_row():
     ]
     assert len(rows) >= 14
     here = {name for name in globals() if name.startswith("test_")}
+    export_tests = (Path(__file__).parent / "test_export.py").read_text()
+    here |= set(re.findall(r"^def (test_bad_input_[a-z_]+)\(", export_tests, re.M))
     named: set[str] = set()
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split(" | ")]
-        assert cells[3] in {"2", "3"}, row  # the exit code column
+        assert cells[3] in {"2", "3", "74"}, row  # the exit code column
         tests = re.findall(r"`(test_[a-z_]+)(?:\[[^\]`]+\])?`", cells[-1])
         assert tests, f"row without a test: {row}"
         assert set(tests) <= here, set(tests) - here
@@ -648,3 +656,238 @@ def test_every_case_in_the_docs_has_a_test_and_every_test_a_row():
         "test_every_case_in_the_docs_has_a_test_and_every_test_a_row",
     }
     assert here - helpers == named, (here - helpers) ^ named
+
+
+# ------------------------------------------------------------------------------------------
+# A run's files are never overwritten or trained on with what is not theirs
+# ------------------------------------------------------------------------------------------
+def stopped_run(ws: Workspace, name: str = "stopped", step: int = 5, *extra: str) -> Path:
+    """A run stopped by SIGTERM mid-epoch (resume.pt at that step), in ws.runs."""
+    args = [*TRAIN_FAST, "--epochs", "2", "--batch-size", "32", *extra]
+    res = run_command(
+        [sys.executable, str(HARNESS), *args, "--data-dir", str(ws.data),
+         "--output-dir", str(ws.runs), "--run-name", name],
+        ws.root, env=process_env(FAULT_TERM_STEP=str(step)),
+    )  # fmt: skip
+    assert res.rc == 75, str(res)
+    return ws.runs / name
+
+
+@pytest.mark.parametrize("how", ["auto", "path"])
+def test_a_finished_run_without_resume_state_is_never_started_again(ws, cli, how):
+    """resume.pt deleted from a completed run: neither `--resume auto --run-name` nor
+    `--resume RUN` starts a fresh training over its checkpoints and metrics."""
+    (ws.existing / "resume.pt").unlink()
+    before = ws.snapshot()
+    resume = ["--resume", "auto", "--run-name", "existing"] if how == "auto" else [
+        "--resume", str(ws.existing)]  # fmt: skip
+    res = cli("train", *TRAIN_FAST, "--data-dir", ws.data, "--output-dir", ws.runs, *resume)
+    assert_one_line_error(res, f"{ws.existing} holds a run (2 finished epoch(s), best.safetensors")
+    assert "no resume.pt to continue it from" in res.stderr
+    check_nothing_damaged(ws, before)
+
+
+def test_a_resume_on_other_data_is_refused(ws, cli):
+    """A run stopped mid-epoch, resumed with a --data-dir that holds other images (13 of
+    them): refused, since it would finish on data it did not start with."""
+    run = stopped_run(ws)
+    other = write_fashion_dir(ws.root / "other", 13, N_TEST, gz=False)
+    before = ws.snapshot()
+    res = cli("train", "--resume", run, "--data-dir", other)
+    assert_one_line_error(res, f"--data-dir {other} holds other training data than {run}")
+    check_nothing_damaged(ws, before)
+
+
+def test_a_resume_state_of_another_run_is_refused(ws, cli):
+    """An mlp run's resume.pt in a folder whose config.json says cnn."""
+    run = stopped_run(ws)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "model": "cnn"}))
+    before = ws.snapshot()
+    res = cli("train", "--resume", run, "--data-dir", ws.data)
+    assert_one_line_error(res, f"{run / 'resume.pt'} is not this run's state: it says model 'mlp'")
+    check_nothing_damaged(ws, before)
+
+
+def test_a_checkpoint_whose_metadata_contradicts_itself_is_refused(ws, cli):
+    path = ws.root / "lying.safetensors"
+    tensors = load_file(ws.existing / "best.safetensors")
+    _, meta = load_model_checkpoint(ws.existing / "best.safetensors")
+    meta["config"]["model"] = "cnn"
+    save_file(tensors, path, metadata={METADATA_KEY: json.dumps(meta)})
+    before = ws.snapshot()
+    res = cli("eval", path, "--data-dir", ws.data)
+    assert_one_line_error(res, f"{path} has damaged metadata: it names model mlp but its config")
+    check_nothing_damaged(ws, before)
+
+
+def test_a_resume_step_past_the_end_of_its_epoch_is_refused(ws, cli):
+    run = stopped_run(ws)
+    state = torch.load(run / "resume.pt", weights_only=True)
+    torch.save({**state, "step": 10_000}, run / "resume.pt")
+    before = ws.snapshot()
+    res = cli("train", "--resume", run, "--data-dir", ws.data)
+    assert_one_line_error(res, f"{run / 'resume.pt'} is damaged: it stopped at step 10000")
+    check_nothing_damaged(ws, before)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"\xff\xfe\x00binary", b"[1, 2, 3]", b'{"train_loss": 0.5}'],
+    ids=["binary", "list", "no-epoch"],
+)
+def test_damaged_metrics_lines_on_resume_are_named(ws, cli, line):
+    run = stopped_run(ws, "stopped", 8)  # into epoch 2 (6 steps each): epoch 1 recorded
+    metrics = run / "metrics.jsonl"
+    metrics.write_bytes(line + b"\n" + metrics.read_bytes())
+    before = ws.snapshot()
+    res = cli("train", "--resume", run, "--data-dir", ws.data)
+    assert_one_line_error(res, f"{metrics} line 1 is not an epoch record")
+    check_nothing_damaged(ws, before)
+
+
+def test_a_refused_pickle_says_one_line_without_torchs_warning(ws, cli):
+    run = stopped_run(ws)
+
+    # A pathlib.PosixPath: a global that weights_only loading refuses
+    torch.save({"format": 1, "payload": Path("/x")}, run / "resume.pt")
+    before = ws.snapshot()
+    res = cli("train", "--resume", run, "--data-dir", ws.data)
+    assert_one_line_error(res, f"{run / 'resume.pt'} is not a readable resume state")
+    check_nothing_damaged(ws, before)
+
+
+@pytest.mark.parametrize("kind", ["folder", "lock"])
+def test_a_run_folder_or_lock_that_is_a_link_is_refused(ws, cli, kind):
+    """Followed, the link would have the run write (and clean up) outside --output-dir."""
+    outside = ws.root / "outside"
+    outside.mkdir()
+    if kind == "folder":
+        (ws.runs / "linked").symlink_to(outside)
+        path, name = ws.runs / "linked", "linked"
+    else:
+        (ws.runs / "linked").mkdir()
+        (outside / "target").write_text("keep")
+        (ws.runs / "linked" / ".lock").symlink_to(outside / "target")
+        path, name = ws.runs / "linked" / ".lock", "linked"
+    before = ws.snapshot()
+    res = cli("train", *TRAIN_FAST, "--data-dir", ws.data, "--output-dir", ws.runs,
+              "--run-name", name, "--resume", "auto")  # fmt: skip
+    assert_one_line_error(res, f"{path} is a symbolic link (to {outside}")
+    check_nothing_damaged(ws, before)
+    assert sorted(p.name for p in outside.iterdir()) == ([] if kind == "folder" else ["target"])
+
+
+def test_eval_never_creates_the_data_folder_its_metadata_names(ws, cli):
+    """The checkpoint's metadata data_dir is a hint to read from: eval without --data-dir
+    neither creates that folder nor downloads into it."""
+    nowhere = ws.root / "nowhere" / "deep"
+    path = ws.root / "elsewhere.safetensors"
+    tensors = load_file(ws.existing / "best.safetensors")
+    _, meta = load_model_checkpoint(ws.existing / "best.safetensors")
+    meta["config"]["data_dir"] = str(nowhere)
+    save_file(tensors, path, metadata={METADATA_KEY: json.dumps(meta)})
+    before = ws.snapshot()
+    res = cli("eval", path)
+    assert_one_line_error(res, f"Fashion-MNIST files missing from {raw_dir(nowhere)}/")
+    assert not (ws.root / "nowhere").exists()
+    check_nothing_damaged(ws, before)
+
+
+def test_predict_on_weights_whose_outputs_overflow_says_so(ws, cli):
+    """Finite but huge weights: the logits overflow; one line and exit code 3, not a JSON
+    with a null probability."""
+    path = ws.root / "huge.safetensors"
+    tensors = load_file(ws.existing / "best.safetensors")
+    _, meta = load_model_checkpoint(ws.existing / "best.safetensors")
+    save_file({k: v * 1e30 if v.is_floating_point() else v for k, v in tensors.items()}, path,
+              metadata={METADATA_KEY: json.dumps(meta)})  # fmt: skip
+    before = ws.snapshot()
+    for command in (["predict", path, "--index", "0", "--json"], ["eval", path]):
+        res = cli(*command, "--data-dir", ws.data)
+        assert_one_line_error(res, f"{path}: the model's outputs overflow", rc=EXIT_DIVERGED)
+    check_nothing_damaged(ws, before)
+
+
+def test_batch_size_one_with_a_batchnorm_layer_is_refused(ws, cli):
+    before = ws.snapshot()
+    res = cli("train", "--model", "cnn-bn", "--batch-size", "1", "--data-dir", ws.data,
+              "--output-dir", ws.runs)  # fmt: skip
+    assert_one_line_error(res, "--batch-size 1 with --model cnn-bn: its BatchNorm1d layer")
+    check_nothing_damaged(ws, before)
+
+
+def test_the_models_config_names_are_the_ones_with_batchnorm_of_one_dimension():
+    from fmnist_accel.config import BATCHNORM_1D_MODELS
+    from fmnist_accel.engine.models import MODELS, build_model
+
+    found = {n for n in MODELS if any(isinstance(m, torch.nn.BatchNorm1d)
+                                      for m in build_model(n).modules())}  # fmt: skip
+    assert found == set(BATCHNORM_1D_MODELS)
+
+
+@pytest.mark.parametrize(
+    "name, shown",
+    [("x" * 300, "at most 200"), ("two\nlines", "'\\n'"), ("bad\udcffbytes", "'\\udcff'"),
+     ("-dash", "a leading '-'"), ("a b", "' '")],
+    ids=["too-long", "newline", "not-utf8", "leading-dash", "space"],
+)  # fmt: skip
+def test_unsafe_run_names_are_refused(ws, name, shown):
+    before = ws.snapshot()
+    args = [CLI, "train", *TRAIN_FAST, "--data-dir", ws.data, "--output-dir", ws.runs]
+    res = run_command([*args, "--run-name", name], ws.root)  # str with surrogates: raw bytes
+    assert_one_line_error(res, "--run-name")
+    assert shown in res.stderr, res.stderr
+    check_nothing_damaged(ws, before)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket", "device"])
+def test_predict_image_that_is_not_a_regular_file_is_refused(ws, cli, kind, tmp_path):
+    import socket
+
+    path = ws.root / f"picture-{kind}"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "socket":
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(path))
+    else:
+        path = Path("/dev/zero")
+    before = ws.snapshot()
+    res = cli("predict", "best", "--run-dir", ws.existing, "--image", path, timeout=60)
+    assert_one_line_error(res, f"--image {path} is a")
+    check_nothing_damaged(ws, before)
+
+
+def test_plot_of_an_empty_run_name_is_refused(ws, cli):
+    before = ws.snapshot()
+    res = cli("plot", "", "--output-dir", ws.runs, "--save", ws.root / "c.png")
+    assert_one_line_error(res, "a RUN given to plot is empty")
+    check_nothing_damaged(ws, before)
+
+
+@pytest.mark.parametrize(
+    "name", ["config.json", "metrics.jsonl", "summary.json", "provenance.json", "resume.pt"]
+)
+def test_a_run_file_that_is_a_fifo_is_refused_without_waiting(ws, cli, name):
+    """A FIFO (or a device) where a run file belongs: read, it would block for ever. A resume
+    names it in one line; `runs` lists the run with the problem instead of hanging."""
+    run = stopped_run(ws)
+    target = run / name
+    target.unlink(missing_ok=True)
+    os.mkfifo(target)
+    before = ws.snapshot()
+    res = cli("train", "--resume", run, "--data-dir", ws.data, timeout=60)
+    assert_one_line_error(res, f"{target} is not a regular file: the run writes a file there")
+    listed = cli("runs", "--output-dir", ws.runs, "--json", timeout=60)
+    assert listed.rc == 0, str(listed)
+    check_nothing_damaged(ws, before)
+
+
+def test_a_checkpoint_path_that_is_a_fifo_is_refused(ws, cli):
+    fifo = ws.root / "model.safetensors"
+    os.mkfifo(fifo)
+    before = ws.snapshot()
+    res = cli("eval", fifo, "--data-dir", ws.data, timeout=60)
+    assert_one_line_error(res, f"{fifo} is not a regular file: name a checkpoint file")
+    check_nothing_damaged(ws, before)

@@ -4,6 +4,7 @@ bar reads the running loss from the device only when it redraws."""
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -12,7 +13,7 @@ import torch
 from rich.console import Console
 
 from fmnist_accel.cluster import accelerator as hardware
-from fmnist_accel.run.console import Reporter, clock
+from fmnist_accel.run.console import Reporter, clock, epoch_line
 
 
 # ------------------------------------------------------------------------------------------
@@ -131,7 +132,7 @@ def test_the_bar_shows_loss_speed_and_time_left_for_the_epoch_then_the_run():
         now.t += 2.0
         reporter.step(step, DeviceLoss(1.5 * 64 * step), 64 * step)
     # 2 s a step, 64 images a step: 32 images/s; 5 steps to go: 10 s left; no run time yet.
-    assert "5/10 loss 1.5000 | 32 img/s | epoch 0:10 left" in screen.getvalue()
+    assert "5/10 loss 1.5000, 32 img/s, 0:10 left" in screen.getvalue()
     assert "run" not in screen.getvalue()
     now.t = 25.0
     reporter.epoch_end(record, 3)  # the epoch took 25 s, validation included
@@ -144,9 +145,35 @@ def test_the_bar_shows_loss_speed_and_time_left_for_the_epoch_then_the_run():
     reporter.step(1, DeviceLoss(64.0), 64)
     now.t = 28.2
     reporter.step(3, DeviceLoss(64.0), 128)
-    assert "3/10 loss 0.5000 | 107 img/s | epoch 0:04 left | run at most 0:29 left" in (
-        screen.getvalue()
-    )
+    assert "3/10 loss 0.5000, 107 img/s, 0:04 left (run ≤0:29)" in screen.getvalue()
+
+
+def test_at_80_columns_the_bar_keeps_its_step_count_and_the_epoch_line_does_not_wrap():
+    now = FakeClock()
+    reporter, screen = terminal_reporter(now)
+    reporter.console = Console(file=screen, force_terminal=True, width=80, color_system=None)
+    reporter._epoch_seconds = 300.0
+    reporter.epoch_start(12, 50, 1172, images_per_step=512, may_stop_early=True)
+    now.t = 1.0
+    reporter.step(1, DeviceLoss(0.5 * 512), 512)
+    now.t = 3.5
+    reporter.step(1000, DeviceLoss(0.5 * 512 * 1000), 512 * 1000)
+    drawn = [line for line in screen.getvalue().split("\r") if "1000/1172" in line]
+    assert drawn and "(run ≤" in drawn[-1], screen.getvalue()
+    record = {"epoch": 12, "train_loss": 0.2345, "valid_loss": 0.2567,
+              "valid_accuracy": 0.9123, "lr": 1e-3, "epoch_time": 123.4,
+              "images_per_sec": 123456, "is_best": True}  # fmt: skip
+    screen.seek(0)
+    screen.truncate()
+    reporter.epoch_end(record, 50)
+    # The bar is cleared (escape codes), then the line: one line of at most 80 characters.
+    # (rich draws the bar once more as it stops, then clears it)
+    printed = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]|\r", "", screen.getvalue()).strip("\n")
+    printed = printed.splitlines()[-1]
+    assert printed.startswith("epoch 12/50  train") and len(printed) <= 80, printed
+    assert "valid 0.2567 acc 0.9123" in printed and printed.endswith("best"), printed
+    wide = epoch_line(record, 50)  # a log file keeps every figure
+    assert "123,456 img/s" in wide and "train loss 0.2345" in wide
 
 
 def test_no_estimate_before_a_second_of_steps_is_measured():

@@ -146,7 +146,7 @@ def test_the_end_evaluates_its_checkpoint_once(tmp_path):
         valid_calls = -(-(N_TRAIN // 6) // batch)  # the validation of epoch 1: 33 images
         assert not any(c["train"] for c in after)
         assert len(after) == valid_calls + -(-N_TEST // batch), final_test
-        assert "figures of best.safetensors on the test split" in res.stdout
+        assert "of best.safetensors on the test split: in TensorBoard" in res.stdout
         assert ("final_test" in summary(tmp_path / "runs" / name)) == (name == "with")
 
 
@@ -199,7 +199,10 @@ def test_end_pictures_are_drawn_and_written_by_the_main_process_alone(tmp_path):
         (f"Figures/test/{name}", (*reversed(expected_size(name)), 3), 2, "HWC")
         for name in FIGURE_NAMES
     ]
-    assert said == ["figures of best.safetensors on the test split: TensorBoard, Images"]
+    assert len(said) == 1 and said[0].startswith(
+        "figures (per-class accuracy, confusion matrix, mistakes) of best.safetensors on the "
+        "test split: in TensorBoard's Images tab"
+    ), said
     said.clear()
     outputs.write_ending(main_process(True, FakeWriter(fail=True)), tmp_path, ending, said.append)
     assert said == ["note: no figures in TensorBoard: OSError: [Errno 28] No space left on device"]
@@ -241,7 +244,7 @@ def test_pictures_without_a_final_test_are_the_same(weak_run, readonly_data, tmp
         cwd=tmp_path,
     )  # fmt: skip
     assert result.rc == 0, str(result)
-    assert "figures of best.safetensors on the test split: TensorBoard, Images" in result.stdout
+    assert "of best.safetensors on the test split: in TensorBoard's Images tab" in result.stdout
     logged = []
     for run in (weak_run, tmp_path / "weak"):
         events = EventAccumulator(str(run / "tensorboard"), size_guidance={IMAGES: 0})
@@ -266,7 +269,7 @@ def test_two_process_training_logs_the_figures_of_the_exact_evaluation(readonly_
             "--output-dir", str(tmp_path), "--run-name", "two"]  # fmt: skip
     proc = train(2, args)
     assert proc.returncode == 0, why(proc)
-    assert proc.stdout.count("figures of best.safetensors on the test split") == 1
+    assert proc.stdout.count("of best.safetensors on the test split: in TensorBoard") == 1
     events = EventAccumulator(str(tmp_path / "two" / "tensorboard"), size_guidance={IMAGES: 0})
     events.Reload()
     drawn = run_command(

@@ -4,6 +4,8 @@ run ends with, in its TensorBoard: test_ending.py."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -111,3 +113,27 @@ def test_save_figures_into_a_file_is_refused(weak_run, tmp_path):
     )
     assert_one_line_error(result, f"--save-figures {target} is a file")
     assert target.read_text() == "keep me"
+
+
+def test_titles_keep_the_accuracy_and_fit_with_a_long_run_name(weak_run, tmp_path):
+    """The title's second line holds the figures (never cut off), the third the model and
+    checkpoint, a long run name shortened in its middle to fit the figure's width; the
+    table output names the files it wrote."""
+    long_run = tmp_path / ("a-long-run-name-" * 12).rstrip("-")
+    shutil.copytree(weak_run, long_run)
+    folder = tmp_path / "figs"
+    table = run_command([CLI, "eval", "best", "--run-dir", long_run, "--save-figures", folder],
+                        cwd=tmp_path)  # fmt: skip
+    assert table.rc == 0, str(table)
+    written = ", ".join(str(folder / f"{name}.png") for name in FIGURE_NAMES)
+    assert f"figures written: {written}" in table.stdout
+    report = run_command([CLI, "eval", "best", "--run-dir", long_run, "--json"], tmp_path).json()
+    for name in FIGURE_NAMES:
+        lines = figures.title("Title", report, name).splitlines()
+        assert len(lines) == 3 and f"accuracy {report['accuracy']:.4f}" in lines[1], lines
+        assert "…" in lines[2] and len(lines[2]) <= figures.SIZES[name][0] * figures.CHARS_PER_INCH
+        # Drawn: the title's box lies within the figure.
+        figure = figures.eval_figures(report, [])[name]
+        figure.canvas.draw()
+        box = figure._suptitle.get_window_extent()
+        assert box.x0 >= 0 and box.x1 <= figure.bbox.width, (name, box, figure.bbox)

@@ -87,6 +87,22 @@ def test_learning_rate_drops_are_marked():
     assert curves.lr_drops(info) == []
 
 
+def test_a_per_step_schedule_is_a_line_and_label_smoothing_is_marked():
+    """A plateau schedule holds a rate for the epoch: steps. OneCycle changes it every step
+    and is sampled at epoch ends: a line through the samples, not steps with vertical drops.
+    Label-smoothed training losses are drawn dash-dotted, and the title says so."""
+    records = [{"epoch": e, "train_loss": 1 / e, "lr": 0.1 / e} for e in range(1, 6)]
+    plateau = RunInfo(name="p", path="p", status="completed", records=records)
+    onecycle = RunInfo(name="o", path="o", status="completed", records=records,
+                       config={"scheduler": "onecycle", "label_smoothing": 0.2})  # fmt: skip
+    loss_ax, _, lr_ax, _ = curves.curves_figure([plateau, onecycle]).axes
+    styles = [line.get_drawstyle() for line in lr_ax.lines if line.get_marker() == "."]
+    assert styles == ["steps-mid", "default"], styles
+    styles = [line.get_linestyle() for line in loss_ax.lines]  # (":" marks an lr drop)
+    assert [s for s in styles if s in ("-", "-.")] == ["-", "-."], styles
+    assert "label smoothing" in loss_ax.get_title()
+
+
 def test_plot_bad_input_is_one_line_and_keeps_the_old_picture(tiny_run, tmp_path):
     target = tmp_path / "curves.png"
     target.write_bytes(b"an older picture")

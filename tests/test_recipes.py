@@ -108,6 +108,6 @@ def test_accurate_stopped_mid_epoch_resumes_to_identical_results(data_dir, tmp_p
     assert proc.returncode == 75, why(proc)
     proc = train(1, args)
     assert proc.returncode == 0, why(proc)
-    assert "resuming after epoch 1" in proc.stdout and ", step 3)" in proc.stdout
+    assert "resuming after epoch 1" in proc.stdout and ", at step 3 of epoch 2)" in proc.stdout
 
     assert_same_training(tmp_path / "cut", tmp_path / "ref", EPOCHS)

@@ -94,7 +94,7 @@ def test_kills_at_several_points_resume_to_identical_results(data_dir, reference
     # 5. Resume to the end.
     proc = train(1, args)
     assert proc.returncode == 0, why(proc)
-    assert "resuming after epoch" in proc.stdout and ", step 4)" in proc.stdout
+    assert "resuming after epoch" in proc.stdout and ", at step 4 of epoch " in proc.stdout
     assert_same_run(run, reference)
 
 
@@ -110,7 +110,7 @@ def test_compiled_model_checkpoints_load_and_resume(data_dir, tmp_path):
     assert "torch.compile" in stopped.stdout
     resumed = train(1, args, faults={"ACCELERATE_DYNAMO_BACKEND": "EAGER"})
     assert resumed.returncode == 0, why(resumed)
-    assert "resuming after epoch 1, step 2" in resumed.stdout
+    assert "resuming after epoch 1, at step 2 of epoch 2" in resumed.stdout
     for name in ("best", "last"):
         keys = load_file(tmp_path / "c" / f"{name}.safetensors").keys()
         assert keys and not any(k.startswith("_orig_mod.") for k in keys)

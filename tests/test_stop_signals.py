@@ -110,7 +110,7 @@ def test_a_lone_process_under_accelerate_launch_saves_a_step_it_cannot_finish(da
 
     resumed = run_command([sys.executable, "-m", "fmnist_accel.train", "--resume", run], tmp_path)
     assert resumed.rc == 0, str(resumed)
-    assert "resuming after epoch 0, step 5" in resumed.stdout
+    assert "resuming after epoch 0, at step 5 of epoch 1" in resumed.stdout
     reference = run_command([sys.executable, "-m", "fmnist_accel.train", *args, "--run-name",
                              "reference"], tmp_path)  # fmt: skip
     assert reference.rc == 0, str(reference)

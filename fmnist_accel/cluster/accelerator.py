@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -52,6 +53,8 @@ def make_accelerator(
         *(kwargs.pop("kwargs_handlers", None) or []),
         InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout)),
     ]
+    if cpu:
+        gloo_interface_toward_the_rendezvous()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         restarts.join_restarted_group("gloo" if cpu else "nccl", collective_timeout)
     accelerator = Accelerator(
@@ -110,6 +113,9 @@ def compiles(accelerator) -> bool:
     return accelerator.state.dynamo_plugin.backend != DynamoBackend.NO
 
 
+# Words of gloo's errors when the processes cannot connect to each other as they form the
+# group (or form it again after a restart).
+_CONNECT_WORDS = ("connectFullMesh", "Connect timeout")
 # Words of gloo's (and NCCL's) errors when a peer stops answering or goes away.
 _TIMEOUT_WORDS = ("Timed out waiting", "timeout caused pair closure", "Socket Timeout", "timed out")
 _PEER_LOST_WORDS = (
@@ -118,6 +124,104 @@ _PEER_LOST_WORDS = (
     "Broken pipe",
     "remote process exited",
 )
+
+
+def unreachable_peer(text: str) -> str:
+    """What a failed connection of gloo's full mesh says, in words: the peer's address and the
+    socket's error, and the loopback case (a peer that gave 127.x.x.x, as gloo does where a
+    machine's name resolves to a loopback address) named."""
+    remote = re.search(r"remote=\[?([0-9A-Fa-f.:]+?)\]?:(\d+)", text)
+    errors = ("Connection refused", "No route to host", "Network is unreachable",
+              "Connection reset by peer", "Connect timeout", "timed out connecting")  # fmt: skip
+    error = next((e for e in errors if e in text), None)
+    where = f" at {remote.group(1)}:{remote.group(2)}" if remote else ""
+    why = f" ({error})" if error else ""
+    said = f"cannot connect to another process of the run{where}{why}"
+    if remote and remote.group(1).startswith("127."):
+        return (
+            f"{said}: that process gave a loopback address, which other machines cannot "
+            "reach (GLOO_SOCKET_IFNAME names the loopback interface, or its machine's name "
+            "resolves to 127.x.x.x); start every launcher with GLOO_SOCKET_IFNAME set to the "
+            "network interface the machines share"
+        )
+    return f"{said}: its machine is unreachable or the process is gone"
+
+
+def gloo_interface_toward_the_rendezvous() -> str | None:
+    """On several machines, the network interface gloo uses when gloo's own choice would be
+    the loopback interface; returns its name (also set as GLOO_SOCKET_IFNAME), or None.
+
+    Without GLOO_SOCKET_IFNAME gloo takes the address this machine's name resolves to, and
+    the loopback address when that one is a loopback address (Debian's 127.0.1.1, a container's
+    127.0.0.1) or none of this machine's: each process then gives the others 127.x.x.x, and
+    processes on other machines cannot connect ("Connection refused"; the others wait for
+    the collective timeout). Here the interface is the one that holds this machine's address
+    on the route to the rendezvous (MASTER_ADDR), the network the machines share. Nothing is
+    changed on one machine, for a rendezvous on a loopback address, where the user set
+    GLOO_SOCKET_IFNAME, or where the name resolves to an address of this machine that is not a
+    loopback one (what gloo takes then works).
+    """
+    import socket
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)) or world)
+    master = os.environ.get("MASTER_ADDR")
+    if world <= local or not master or os.environ.get("GLOO_SOCKET_IFNAME"):
+        return None
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((master, int(os.environ.get("MASTER_PORT") or 9)))  # sends nothing
+            mine = probe.getsockname()[0]
+    except (OSError, ValueError):
+        return None
+    if mine.startswith("127."):
+        return None  # the rendezvous is on this machine's loopback: every process is here
+    try:
+        named = {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None)}
+    except OSError:
+        named = set()
+    if any(_is_here(address) and not _is_loopback(address) for address in named):
+        return None
+    interface = _interface_of(mine)
+    if interface is not None:
+        os.environ["GLOO_SOCKET_IFNAME"] = interface
+    return interface
+
+
+def _is_loopback(address: str) -> bool:
+    return address.startswith("127.") or address == "::1"
+
+
+def _is_here(address: str) -> bool:
+    """Whether a socket can bind to `address` (it is one of this machine's)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((address, 0))
+        return True
+    except OSError:
+        return False
+
+
+def _interface_of(address: str) -> str | None:
+    """The name of the network interface whose IPv4 address is `address` (Linux), or None."""
+    import fcntl
+    import socket
+    import struct
+
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            request = struct.pack("256s", name[:15].encode())
+            try:
+                answer = fcntl.ioctl(s.fileno(), siocgifaddr, request)
+            except OSError:
+                continue
+            if socket.inet_ntoa(answer[20:24]) == address:
+                return name
+    return None
 
 
 def end_accelerator(accelerator) -> None:
@@ -154,6 +258,8 @@ def collective_failure(exc: BaseException, timeout_s: float) -> CollectiveFailur
     text = str(exc)
     rank = os.environ.get("RANK", "?")
     then = "this process stops (the launcher restarts the group if --max_restarts allows)"
+    if any(word in text for word in _CONNECT_WORDS):  # before the timeout: "timed out connecting"
+        return CollectiveFailure(f"rank {rank}: {unreachable_peer(text)}; {then}")
     if any(word in text for word in _TIMEOUT_WORDS):
         return CollectiveFailure(
             f"rank {rank}: no answer from the other processes for {timeout_s:g} s "
@@ -207,6 +313,60 @@ def keep_large_allocations_in_heap() -> int:
     return 0
 
 
+# CPU instructions that run bf16 natively (/proc/cpuinfo's names); without them PyTorch
+# emulates bf16 on a CPU, slower than fp32.
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+CPU_FLAGS_VARIABLE = "FMNIST_ACCEL_CPU_FLAGS"  # overrides /proc/cpuinfo (containers, tests)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags: FMNIST_ACCEL_CPU_FLAGS (space-separated) if set, else the
+    first `flags` line of /proc/cpuinfo; empty where neither exists."""
+    given = os.environ.get(CPU_FLAGS_VARIABLE)
+    if given is not None:
+        return set(given.split())
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def bf16_instructions() -> str | None:
+    """The first of BF16_CPU_FLAGS this CPU has, or None."""
+    flags = cpu_flags()
+    return next((flag for flag in BF16_CPU_FLAGS if flag in flags), None)
+
+
+def cpu_precision(explicit_precision: str | None) -> tuple[str, str] | None:
+    """(precision, why) on a CPU where neither the user (--mixed-precision) nor a launcher
+    (ACCELERATE_MIXED_PRECISION) chose one: bf16 where the CPU has bf16 instructions, else
+    fp32. None on a GPU, or when the choice was made."""
+    if explicit_precision is not None or os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return None
+    if not wants_cpu():
+        return None
+    flag = bf16_instructions()
+    if flag:
+        return "bf16", f"this CPU has {flag}"
+    return "no", "this CPU has no bf16 instructions"
+
+
+def slow_bf16_note(accelerator) -> str | None:
+    """A note when bf16 runs on a CPU that emulates it: slower than fp32 there."""
+    if accelerator.device.type != "cpu" or accelerator.mixed_precision != "bf16":
+        return None
+    if bf16_instructions():
+        return None
+    return (
+        "note: this CPU has no bf16 instructions (AVX512-BF16 or AMX): bf16 is emulated and "
+        "slower than fp32 here; --mixed-precision no trains faster"
+    )
+
+
 PRECISION_WORDS = {"no": "fp32", "fp16": "fp16 mixed precision", "bf16": "bf16 mixed precision"}
 
 
@@ -234,14 +394,32 @@ def describe(accelerator) -> str:
 
 
 def thread_note(accelerator) -> str | None:
-    """A hint when a CPU run uses fewer threads than the machine has cores to spare: plain
-    `accelerate launch` sets OMP_NUM_THREADS=1 for its process (half the speed on 2 cores)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    spare = (cores or 1) // accelerator.num_processes
-    if accelerator.device.type != "cpu" or torch.get_num_threads() >= spare:
+    """On a CPU, when the thread count is the launcher's default rather than anyone's choice
+    (`accelerate launch` sets OMP_NUM_THREADS=1 for its processes when it is not set: half
+    the speed on 2 cores), use the cores available to each local process instead, and say
+    so. A user's OMP_NUM_THREADS (in the launcher's own environment) is kept."""
+    if accelerator.device.type != "cpu" or not threads_are_launcher_default():
         return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    threads = max(1, (cores or 1) // max(1, local))
+    if threads <= torch.get_num_threads():
+        return None
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # for any process this one starts
     return (
-        f"note: {torch.get_num_threads()} CPU thread(s) per process of {spare} available "
-        "(OMP_NUM_THREADS, which plain `accelerate launch` sets to 1): set OMP_NUM_THREADS, or "
-        "launch with --config_file launch_configs/cpu_1proc.yaml, or run fmnist-accel train"
+        f"note: {threads} CPU threads per process (the cores available to each of {local} "
+        "local process(es)), not the launcher's default of 1; OMP_NUM_THREADS sets it"
     )
+
+
+def threads_are_launcher_default() -> bool:
+    """Whether OMP_NUM_THREADS was set by `accelerate launch` and not by the user: it is in
+    this process's environment but not in the environment its launcher was started with."""
+    if "OMP_NUM_THREADS" not in os.environ or not os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return False  # no launcher's default: accelerate launch always sets that variable
+    try:
+        parent = open(f"/proc/{os.getppid()}/environ", "rb").read().split(b"\0")  # noqa: SIM115
+    except OSError:
+        return False  # cannot tell: keep what is set
+    return not any(entry.startswith(b"OMP_NUM_THREADS=") for entry in parent)

@@ -53,7 +53,9 @@ def restart_line(resumed_after: int | None, step: int = 0) -> str | None:
     head = f"restart {n} of {max_restarts()} (a process failed; the launcher restarted them all)"
     if resumed_after is None:
         return f"{head}: nothing was saved yet: starting again from epoch 1"
-    where = f"resuming after epoch {resumed_after}" + (f", step {step}" if step else "")
+    where = f"resuming after epoch {resumed_after}" + (
+        f", at step {step} of epoch {resumed_after + 1}" if step else ""
+    )
     return f"{head}: {where}"
 
 
@@ -74,6 +76,8 @@ def _launch_id() -> str | None:
     if "TORCHELASTIC_RESTART_COUNT" not in os.environ or max_restarts() == 0:
         return None
     agent = os.getppid()
+    if agent <= 1:
+        return None  # orphaned: the launcher is gone, no attempt will follow to read it
     started = _process_start_ticks(agent)
     return None if started is None else f"{agent}-{started}"
 
@@ -113,7 +117,7 @@ def _remove_records_of_ended_launches() -> None:
         pid, _, started = launch.partition("-")
         if not (pid.isdigit() and started.isdigit()):
             continue
-        if _process_start_ticks(int(pid)) != int(started):
+        if int(pid) <= 1 or _process_start_ticks(int(pid)) != int(started):
             path.unlink(missing_ok=True)
 
 
@@ -135,6 +139,15 @@ def restarted_options(explicit: dict) -> dict:
         # in the same folder.
         options.update(output_dir=str(Path(run_dir).parent), run_name=Path(run_dir).name)
     return options
+
+
+def forget_launch() -> None:
+    """The run has ended as planned: no attempt of this launch will follow, so its records
+    go (nothing of a run outlives it outside its folder)."""
+    for kind in ("exit", "run"):
+        path = _record(kind)
+        if path is not None:
+            path.unlink(missing_ok=True)
 
 
 def remember_deliberate_exit(code: int) -> None:

@@ -107,6 +107,8 @@ def report_evaluation(
         print(json.dumps(finite_or_null(report), allow_nan=False))
     else:
         print_tables(report)
+        if figures_dir is not None:
+            print(f"figures written: {', '.join(report['figures'].values())}")
 
 
 def finite_or_null(value):

@@ -20,6 +20,7 @@ set image is classified exactly like the image itself.
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -73,11 +74,32 @@ def read_picture(path: str, invert: bool | None = None) -> Picture:
     return Picture(image, size, border, inverted, forced=invert is not None)
 
 
+def refuse_special_file(path: str) -> None:
+    """Only a regular file is read: a FIFO or a socket would block for ever, a device read
+    without end."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise UserError(f"--image {path}: no such file") from None
+    except OSError as exc:
+        raise UserError(f"--image {path}: cannot read it ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(mode):
+        raise UserError(f"--image {path} is a folder: give a picture file")
+    if not stat.S_ISREG(mode):
+        kind = (
+            "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else ("a device")
+        )
+        raise UserError(f"--image {path} is {kind}, not a regular file: give a picture file")
+
+
 def load_grey(path: str) -> tuple[np.ndarray, tuple[int, int]]:
     """(float32 (H, W) grey levels in 0..255, (width, height)) of a picture file."""
     from PIL import Image, ImageOps
 
     limit = Image.MAX_IMAGE_PIXELS
+    refuse_special_file(path)
     try:
         with warnings.catch_warnings():
             # Pillow only warns between its limit and twice it; both refuse here, with one line.

@@ -23,6 +23,8 @@ DROP_RATIO = 0.75
 
 def find_run(spec: str, output_dir: str) -> Path:
     """RUN as a folder path, else as a run name in output_dir."""
+    if not spec.strip():
+        raise UserError("a RUN given to plot is empty (an unset shell variable?): name a run")
     for candidate in (Path(spec), Path(output_dir) / spec):
         if candidate.is_dir():
             return candidate
@@ -87,25 +89,52 @@ def curves_figure(runs: list[RunInfo]):
     FigureCanvasAgg(figure)
     (loss_ax, acc_ax), (lr_ax, key_ax) = figure.subplots(2, 2)
     colours = [f"C{i % 10}" for i in range(len(runs))]  # matplotlib's 10 distinct colours
+    smoothed = False
     for info, colour in zip(runs, colours, strict=True):
         records = info.records
-        loss_ax.plot(*series(records, "train_loss"), color=colour, linestyle="-")
+        # With label smoothing the training loss is not plain cross-entropy (it cannot reach
+        # 0): drawn dash-dotted, and said so in the title.
+        smoothing = bool(info.config.get("label_smoothing"))
+        smoothed |= smoothing
+        loss_ax.plot(
+            *series(records, "train_loss"), color=colour, linestyle="-." if smoothing else "-"
+        )
         loss_ax.plot(*series(records, "valid_loss"), color=colour, linestyle="--")
         acc_ax.plot(*series(records, "valid_accuracy"), color=colour, marker=".")
         acc_ax.plot(*series(records, "test_accuracy"), color=colour, linestyle=":")
         best = best_point(info)
         if best:
             acc_ax.plot(*best, marker="*", markersize=16, color=colour, markeredgecolor="black")
-        lr_ax.plot(*series(records, "lr"), color=colour, drawstyle="steps-mid", marker=".")
+        # A plateau schedule holds one rate per epoch (steps); a per-step schedule changes it
+        # every step and is sampled at each epoch's end (a line through the samples).
+        per_epoch = info.config.get("scheduler", "plateau") in ("plateau", "none")
+        lr_ax.plot(
+            *series(records, "lr"),
+            color=colour,
+            drawstyle="steps-mid" if per_epoch else "default",
+            marker=".",
+        )
         for epoch, lr in lr_drops(info):
             lr_ax.plot(epoch, lr, marker="v", markersize=10, color=colour, markeredgecolor="k")
             for ax in (loss_ax, acc_ax):
                 ax.axvline(epoch - 0.5, color=colour, linestyle=":", linewidth=1, alpha=0.7)
-    loss_ax.set_title("loss: training (solid), validation (dashed)")
+    loss_ax.set_title(
+        "loss: training (solid; dash-dot: with label smoothing,\nnot plain cross-entropy), "
+        "validation (dashed)"
+        if smoothed
+        else "loss: training (solid), validation (dashed)",
+        fontsize=10,
+    )
     loss_ax.set_ylabel("cross-entropy")
-    acc_ax.set_title("accuracy: validation (dots), test (dotted line); \u2605 best epoch")
+    acc_ax.set_title(
+        "accuracy: validation (dots), test (dotted line); \u2605 best epoch", fontsize=10
+    )
     acc_ax.set_ylabel("accuracy")
-    lr_ax.set_title("learning rate (log scale); \u25bc a drop, also dotted in the panels above")
+    lr_ax.set_title(
+        "learning rate (log scale; per-step schedules at each epoch's end);\n"
+        "\u25bc a drop, also dotted in the panels above",
+        fontsize=10,
+    )
     lr_ax.set_yscale("log")
     lr_ax.set_ylabel("learning rate")
     for ax in (loss_ax, acc_ax, lr_ax):
@@ -134,7 +163,14 @@ def run_label(info: RunInfo) -> str:
         facts += f"; best valid {info.best_valid_accuracy:.4f} (epoch {info.best_epoch})"
     if info.test_accuracy is not None:
         facts += f", test {info.test_accuracy:.4f}"
-    return f"{info.name}\n  {facts}"
+    name = info.name
+    if len(name) > LABEL_CHARS:  # a long name would push the panels off the figure
+        keep = (LABEL_CHARS - 1) // 2
+        name = name[:keep] + "…" + name[-keep:]
+    return f"{name}\n  {facts}"
+
+
+LABEL_CHARS = 60  # of a run's name in the key: what fits its panel at 9 points
 
 
 def run_plot(specs: list[str], output_dir: str, save: str) -> int:

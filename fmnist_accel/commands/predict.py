@@ -10,8 +10,8 @@ import torch
 
 from ..engine.data import CLASS_NAMES, load_split
 from ..engine.device_data import normalise
-from ..engine.trained_model import data_dir_for, model_from_checkpoint
-from ..errors import UserError
+from ..engine.trained_model import data_dir_for, may_download, model_from_checkpoint
+from ..errors import OutputsOverflowed, UserError
 from ..store.run_folder import resolve_checkpoint
 from .eval import finite_or_null
 from .picture import read_picture
@@ -36,30 +36,97 @@ def run_predict(
         return 0
     path = resolve_checkpoint(checkpoint, run_dir, output_dir)
     model, meta = model_from_checkpoint(path)
-    true_label, picture = None, None
+    image, true_label, picture, source = chosen_image(
+        index, image_path, invert, data_dir_for(meta, data_dir), may_download(data_dir)
+    )
+    with torch.no_grad():
+        logits = model(normalise(image[None]))[0]
+    return report_prediction(
+        str(path), logits, image, true_label, picture, source, top, save_path, as_json
+    )
+
+
+def run_predict_onnx(
+    onnx_path: str,
+    data_dir: str | None,
+    index: int | None,
+    image_path: str | None,
+    invert: bool | None,
+    top: int,
+    save_path: str | None,
+    as_json: bool,
+) -> int:
+    """predict with a file of `fmnist-accel export`, through onnxruntime: no model classes,
+    the same image (the picture preparation of commands/picture.py) and the same report. The
+    test images are read from --data-dir, else ./data (the file does not say where its run
+    trained)."""
+    from .onnx_model import open_onnx_model
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    classifier = open_onnx_model(onnx_path)
+    image, true_label, picture, source = chosen_image(
+        index, image_path, invert, data_dir or "data", may_download(data_dir)
+    )
+    logits = torch.from_numpy(classifier.logits(image[None].numpy()))[0]
+    return report_prediction(
+        onnx_path,
+        logits,
+        image,
+        true_label,
+        picture,
+        source,
+        top,
+        save_path,
+        as_json,
+        classes=classifier.classes,
+    )
+
+
+def chosen_image(
+    index: int | None, image_path: str | None, invert: bool | None, data_dir: str, download: bool
+):
+    """(uint8 (28, 28) image, its true label or None, the Picture or None, its name)."""
     if index is not None:
-        test = load_split(data_dir_for(meta, data_dir), "test")
+        test = load_split(data_dir, "test", download)
         if index >= len(test):
             raise UserError(f"--index {index} is out of range: the test set has {len(test)} images")
-        image, true_label = test.images[index], int(test.labels[index])
-        source = f"test image {index}"
-    else:
-        picture = read_picture(image_path, invert)
-        image, source = picture.image, image_path
-    with torch.no_grad():
-        probs = model(normalise(image[None])).softmax(1)[0]
-    values, classes = probs.topk(top)
+        return test.images[index], int(test.labels[index]), None, f"test image {index}"
+    picture = read_picture(image_path, invert)
+    return picture.image, None, picture, image_path
+
+
+def report_prediction(
+    path: str,
+    logits: torch.Tensor,
+    image: torch.Tensor,
+    true_label: int | None,
+    picture,
+    source: str,
+    top: int,
+    save_path: str | None,
+    as_json: bool,
+    classes: tuple[str, ...] | list[str] = CLASS_NAMES,
+) -> int:
+    """The prediction from one image's logits: lines or one JSON object, and the picture."""
+    if not bool(torch.isfinite(logits).all()):
+        raise OutputsOverflowed(
+            f"{path}: the model's outputs overflow for {source} (non-finite logits; its "
+            "weights are finite but too large): use another checkpoint"
+        )
+    probs = logits.softmax(0)
+    values, indices = probs.topk(top)
     ranking = [
-        (CLASS_NAMES[c], float(p)) for p, c in zip(values.tolist(), classes.tolist(), strict=True)
+        (classes[c], float(p)) for p, c in zip(values.tolist(), indices.tolist(), strict=True)
     ]
     result = {
-        "checkpoint": str(path),
+        "checkpoint": path,
         "source": source,
         "predicted_class": ranking[0][0],
-        "predicted_index": int(classes[0]),
+        "predicted_index": int(indices[0]),
         "probability": ranking[0][1],
         "top": [{"class": name, "probability": p} for name, p in ranking],
-        "true_class": CLASS_NAMES[true_label] if true_label is not None else None,
+        "true_class": classes[true_label] if true_label is not None else None,
     }
     if picture is not None:
         result.update(background=picture.background, inverted=picture.inverted)

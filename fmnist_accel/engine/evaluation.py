@@ -9,6 +9,7 @@ evaluate_checkpoint.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cluster.shared_errors import agree
-from ..errors import UserError
+from ..errors import OutputsOverflowed, UserError
 from .data import CLASS_NAMES, NUM_CLASSES, Split, load_split, train_valid_split
 from .device_data import EvalSet
-from .trained_model import data_dir_for, model_from_checkpoint
+from .trained_model import data_dir_for, may_download, model_from_checkpoint
 
 
 @dataclass
@@ -208,6 +209,7 @@ def load_checkpoint_and_split(
     model, meta = model_from_checkpoint(path)
     config = meta.get("config", {})
     check_split(path, split, config)
+    allow_download = allow_download and may_download(data_dir)
     images = eval_split(data_dir_for(meta, data_dir), split, config, allow_download)
     return model, meta, images
 
@@ -240,6 +242,11 @@ def evaluate_loaded(
     model, meta, images = loaded
     model, eval_set = on_device(accelerator, model, images)
     result = evaluate(model, eval_set, accelerator, batch_size, tta=tta, mistakes=mistakes)
+    if not math.isfinite(result.loss):  # the same reduced loss on every rank: all raise
+        raise OutputsOverflowed(
+            f"{path}: the model's outputs overflow on the {split} split (non-finite logits; "
+            "its weights are finite but too large): use another checkpoint"
+        )
     return CheckpointEvaluation(Path(path), meta, split, images, result, tta)
 
 

@@ -17,6 +17,12 @@ def model_from_checkpoint(path: Path) -> tuple[nn.Module, dict]:
     name = meta.get("model")
     if not isinstance(name, str) or name not in MODELS:
         raise UserError(f"{path} is for model {name!r}, which this version does not know")
+    config_model = meta.get("config", {}).get("model", name)
+    if config_model != name:
+        raise UserError(
+            f"{path} has damaged metadata: it names model {name} but its config says "
+            f"{config_model!r}; use the run's own checkpoint"
+        )
     model = build_model(name)
     mismatch = state_dict_mismatch(model.state_dict(), state_dict)
     if mismatch:
@@ -58,5 +64,11 @@ def state_dict_mismatch(expected: dict, found: dict) -> str:
 
 
 def data_dir_for(meta: dict, data_dir: str | None) -> str:
-    """--data-dir if given, else the folder the run was trained on."""
+    """--data-dir if given, else the folder the run was trained on. That folder, read from
+    the checkpoint's metadata, is a place to read from, never to write: callers download
+    missing files only into a --data-dir the user gave (may_download)."""
     return data_dir if data_dir is not None else meta.get("config", {}).get("data_dir", "data")
+
+
+def may_download(data_dir: str | None) -> bool:
+    return data_dir is not None

@@ -10,11 +10,14 @@ import time
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Column
 
 _IMPORTED_AT = time.time()
 
 
-def epoch_line(record: dict, epochs: int) -> str:
+def epoch_line(record: dict, epochs: int, width: int | None = None) -> str:
+    """The epoch's one line; on a terminal narrower than it (width), a shorter form that
+    keeps every figure but the speed, so that it does not wrap."""
     parts = [f"epoch {record['epoch']}/{epochs}", f"train loss {record['train_loss']:.4f}"]
     if record.get("valid_loss") is not None:
         parts.append(f"valid loss {record['valid_loss']:.4f} acc {record['valid_accuracy']:.4f}")
@@ -25,7 +28,16 @@ def epoch_line(record: dict, epochs: int) -> str:
     ]
     if record.get("is_best"):
         parts.append("best")
-    return " | ".join(parts)
+    line = " | ".join(parts)
+    if width is None or len(line) <= width:
+        return line
+    short = [f"epoch {record['epoch']}/{epochs}", f"train {record['train_loss']:.4f}"]
+    if record.get("valid_loss") is not None:
+        short.append(f"valid {record['valid_loss']:.4f} acc {record['valid_accuracy']:.4f}")
+    short += [f"lr {record['lr']:.1e}", f"{record['epoch_time']:.1f}s"]
+    if record.get("is_best"):
+        short.append("best")
+    return "  ".join(short)
 
 
 class Reporter:
@@ -70,9 +82,15 @@ class Reporter:
         self._clock.opened = self.now()
         self._progress = Progress(
             TextColumn(f"epoch {epoch}/{epochs}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"),
+            # A short bar: at 80 columns the step count and the status must still fit.
+            BarColumn(bar_width=12),
+            # The step count keeps its width; the status is what a narrow terminal cuts.
+            MofNCompleteColumn(
+                table_column=Column(no_wrap=True, min_width=2 * len(str(steps)) + 1)
+            ),
+            TextColumn(
+                "{task.fields[status]}", table_column=Column(no_wrap=True, overflow="ellipsis")
+            ),
             console=self.console,
             transient=True,
             auto_refresh=False,  # redrawn by step(), never by a thread of its own
@@ -102,7 +120,7 @@ class Reporter:
             if record is not None and self._clock.started_at_step == 0:
                 self._epoch_seconds = self.now() - self._clock.opened
         if record is not None:
-            self.print(epoch_line(record, epochs))
+            self.print(epoch_line(record, epochs, self.console.width if self.live else None))
 
 
 class EpochClock:
@@ -143,19 +161,22 @@ class EpochClock:
         return True
 
     def status(self, completed: int, now: float, loss: float | None) -> str:
+        """'loss 0.5000, 107 img/s, 0:04 left (run ≤0:29)': short enough for 80 columns
+        with the epoch, the bar and the step count before it."""
         parts = [f"loss {loss:.4f}"] if loss is not None else []
+        run = ""
         step0, t0 = self.first or (completed, now)
         if completed > step0 and now - t0 >= self.MEASURE_SECONDS:
             seconds_per_step = (now - t0) / (completed - step0)
             if self.images_per_step:
                 parts.append(f"{self.images_per_step / seconds_per_step:,.0f} img/s")
             epoch_left = (self.steps - completed) * seconds_per_step
-            parts.append(f"epoch {clock(epoch_left)} left")
+            parts.append(f"{clock(epoch_left)} left")
             if self.epoch_seconds is not None and self.epoch < self.epochs:
                 run_left = epoch_left + (self.epochs - self.epoch) * self.epoch_seconds
-                bound = "at most " if self.may_stop_early else ""
-                parts.append(f"run {bound}{clock(run_left)} left")
-        return " | ".join(parts)
+                bound = "≤" if self.may_stop_early else ""  # early stopping may end it sooner
+                run = f" (run {bound}{clock(run_left)})"
+        return ", ".join(parts) + run
 
 
 def clock(seconds: float) -> str:

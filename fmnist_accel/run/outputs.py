@@ -56,20 +56,32 @@ def start_outputs(s: Session, state: dict | None) -> None:
     quiet_tensorboard_thread_errors()
     with main_process_writes(accelerator):  # every rank learns if a write failed
         if accelerator.is_main_process:
-            if state is None:
-                config_text = json.dumps(s.cfg.to_dict(), indent=2) + "\n"
-                atomic_write_text(s.run_dir / layout.CONFIG, config_text)
+            # The options as this start runs them (a resume may change --epochs, the
+            # precision...); provenance.json keeps what each start changed.
+            before = read_json(s.run_dir / layout.CONFIG) if state is not None else None
+            config = s.cfg.to_dict()
+            changed = {
+                k: [before.get(k), v]
+                for k, v in config.items()
+                if before and before.get(k) != v and k not in ("resume", "output_dir")
+            }
+            atomic_write_text(s.run_dir / layout.CONFIG, json.dumps(config, indent=2) + "\n")
             s.metrics.keep_epochs_up_to(s.start_epoch)
             if state is not None:
                 repair_checkpoints(s, state)
-            record_start(s.run_dir, s.reporter.print)
+            record_start(s.run_dir, s.reporter.print, changed)
     open_tensorboard(accelerator, s.run_dir, s.start_epoch + 1)
 
 
-def record_start(run_dir: Path, say: Callable[[str], None]) -> None:
-    """Add this start to provenance.json; say so when it runs other code than the first."""
+def record_start(run_dir: Path, say: Callable[[str], None], changed: dict) -> None:
+    """Add this start to provenance.json, with the options it changed ({name: [before,
+    now]}); say so when it runs other code than the first."""
     starts = read_starts(run_dir)
+    if not starts and (run_dir / layout.PROVENANCE).exists():
+        say(f"note: {run_dir / layout.PROVENANCE} was unreadable: its record starts again here")
     now = provenance.this_start()
+    if changed:
+        now["changed"] = changed
     note = provenance.code_change_note(starts[0] if starts else None, now)
     if note:
         say(note)
@@ -157,6 +169,7 @@ def save_resume(
             "early_stopping": s.stopper.state_dict(),
             "best": s.best.state_dict(),
             "rank_states": rank_states,
+            "data": s.data,
         }
     # Every rank waits for the write, and learns if it failed (a full disk).
     with main_process_writes(s.accelerator):
@@ -289,7 +302,10 @@ def log_pictures(accelerator, run_dir: Path, ending: Ending, say) -> None:
         writer.flush()
         evaluation = ending.evaluation
         where = f"{evaluation.path.name} on the {evaluation.split_name} split"
-        say(f"figures of {where}: TensorBoard, Images")
+        say(
+            f"figures (per-class accuracy, confusion matrix, mistakes) of {where}: in "
+            f"TensorBoard's Images tab (tensorboard --logdir {run_dir.parent})"
+        )
     except Exception as exc:  # noqa: BLE001 - an extra must not fail an ended run
         say(f"note: no figures in TensorBoard: {type(exc).__name__}: {exc}")
 

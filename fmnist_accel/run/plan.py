@@ -27,7 +27,16 @@ from ..config import (
 from ..errors import UserError
 from ..store import run_folder
 from ..store.checkpoint import load_resume_state
-from ..store.layout import COMPLETED, CONFIG, ENDING_PENDING, FINISHED_STATUSES, RESUME, SUMMARY
+from ..store.layout import (
+    CHECKPOINT_FILES,
+    COMPLETED,
+    CONFIG,
+    ENDING_PENDING,
+    FINISHED_STATUSES,
+    RESUME,
+    SUMMARY,
+)
+from ..store.run_info import read_metrics
 from .decisions import PER_STEP_SCHEDULERS
 
 
@@ -57,7 +66,12 @@ def plan_run(explicit: dict[str, Any]) -> RunPlan:
     if (resume_dir / RESUME).is_file():
         state = load_resume_state(resume_dir / RESUME)
         saved = state["config"]
+        check_state_belongs(resume_dir, saved)
+        # Damaged lines are named now, on the main process (every rank gets the error),
+        # not when the start rewrites the file.
+        run_folder.MetricsLog(resume_dir).read(strict=True)
     else:  # stopped in its first epoch, before any state was saved: it starts again there
+        refuse_to_overwrite(resume_dir)
         state, saved = None, saved_config(resume_dir)
     conflicts = conflicting_options(explicit, saved)
     if conflicts:
@@ -100,6 +114,41 @@ def plan_run(explicit: dict[str, Any]) -> RunPlan:
     return plan
 
 
+def refuse_to_overwrite(run_dir: Path) -> None:
+    """A folder with no resume.pt starts again from epoch 1 only if it holds no finished
+    work: a run killed or stopped in its first epoch. One with finished epochs or checkpoints
+    (resume.pt deleted by hand, or lost) is never overwritten by a new start."""
+    records, _ = read_metrics(run_dir)
+    kept = [name for name in CHECKPOINT_FILES if (run_dir / name).exists()]
+    if records or kept:
+        what = ", ".join(([f"{len(records)} finished epoch(s)"] if records else []) + kept)
+        raise UserError(
+            f"{run_dir} holds a run ({what}) but no {RESUME} to continue it from: its files "
+            "are kept; choose another --run-name, or move the folder away to start it again"
+        )
+
+
+def check_state_belongs(run_dir: Path, saved: dict) -> None:
+    """resume.pt must be this run's: its options agree with config.json's on everything a
+    resume may not change (a resume.pt copied from another run would train that run in
+    this folder, under this run's name)."""
+    config = run_folder.read_json(run_dir / CONFIG)
+    if config is None:
+        return  # config.json is rewritten from the state at the start
+    differ = sorted(
+        k
+        for k in set(config) | set(saved)
+        if k not in RESUMABLE_OVERRIDES and k in config and k in saved and config[k] != saved[k]
+    )
+    if differ:
+        key = differ[0]
+        raise UserError(
+            f"{run_dir / RESUME} is not this run's state: it says {key} {saved[key]!r}, "
+            f"{run_dir / CONFIG} says {config[key]!r}; put back the run's own {RESUME}, or "
+            "resume the run it came from"
+        )
+
+
 def saved_config(run_dir: Path) -> dict:
     """The config.json of a run that saved no state yet, checked like a resume state's."""
     values = run_folder.read_json(run_dir / CONFIG)
@@ -120,7 +169,9 @@ def new_run_dir(cfg: TrainConfig, output_dir: Path) -> tuple[Path, str | None]:
                 f"{run_dir} already exists: pass --resume auto to continue it, or choose "
                 "another --run-name"
             )
-        return run_dir, run_folder.claim_run_dir(run_dir)
+        note = run_folder.claim_run_dir(run_dir)
+        refuse_to_overwrite(run_dir)  # --resume auto found no resume.pt there
+        return run_dir, note
     # Two runs started in the same second pick the same name; the one that loses the lock
     # takes the next (unique_run_dir skips the folder the other has created).
     for _ in range(10):
@@ -168,6 +219,24 @@ def find_resume_dir(cfg: TrainConfig, output_dir: Path, explicit: dict[str, Any]
         ):
             return path
     return None
+
+
+def resumed_precision(cfg: TrainConfig, explicit: dict[str, Any]) -> str | None:
+    """The mixed precision of the run this launch resumes, when neither the user
+    (--mixed-precision) nor a launcher (ACCELERATE_MIXED_PRECISION) chose one: a resumed
+    run keeps its own. Read-only, on every rank, before the Accelerator is built (it fixes
+    the precision): config.json of the run find_resume_dir picks. None otherwise."""
+    if cfg.resume is None or explicit.get("mixed_precision") is not None:
+        return None
+    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return None
+    try:
+        path = find_resume_dir(cfg, Path(cfg.output_dir), explicit)
+    except UserError:
+        return None  # plan_run says what is wrong, in its turn
+    saved = run_folder.read_json(path / CONFIG) if path is not None else None
+    precision = saved.get("mixed_precision") if saved else None
+    return precision if precision in ("no", "fp16", "bf16") else None
 
 
 def share_plan(accelerator, explicit: dict[str, Any]) -> RunPlan:

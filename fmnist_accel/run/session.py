@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig
-from ..engine.data import ensure_files, load_split, train_valid_split
+from ..engine.data import data_identity, ensure_files, load_split, train_valid_split
 from ..engine.device_data import EvalSet, TrainStream, normalise
 from ..engine.ema import WeightEMA
 from ..engine.loop import EpochProgress
@@ -49,6 +49,7 @@ class Session:
     best: BestTracker
     metrics: MetricsLog
     lr: float
+    data: dict | None = None  # what identifies the training data (engine/data.data_identity)
     start_epoch: int = 0
     progress: EpochProgress | None = None
     elapsed: float = 0.0  # training + validation seconds of earlier epochs, resumes included
@@ -118,6 +119,9 @@ def build_session(accelerator, plan: RunPlan, cfg: TrainConfig, reporter: Report
     run_dir, state = Path(plan.run_dir), plan.resume_state
     set_torch_flags(cfg, device)
     full_train, test = load_data(accelerator, cfg)
+    data = data_identity(full_train)
+    if state is not None:
+        check_same_data(state.get("data"), data, cfg.data_dir, run_dir)
     train_split, valid_split = train_valid_split(full_train, cfg.valid_size, cfg.seed)
     stream = TrainStream(
         train_split,
@@ -130,6 +134,12 @@ def build_session(accelerator, plan: RunPlan, cfg: TrainConfig, reporter: Report
         cfg.channels_last,
         cfg.crop_padding,
     )
+
+    if state is not None and state["step"] >= stream.steps_per_epoch:
+        raise UserError(
+            f"{run_dir / RESUME} is damaged: it stopped at step {state['step']} of an epoch of "
+            f"{stream.steps_per_epoch} steps; resume from another copy or start anew"
+        )
 
     def eval_set(split):
         return EvalSet(split, device, world, rank, cfg.channels_last) if split else None
@@ -166,6 +176,7 @@ def build_session(accelerator, plan: RunPlan, cfg: TrainConfig, reporter: Report
         best=BestTracker(cfg.best_metric),
         metrics=MetricsLog(run_dir),
         lr=lr,
+        data=data,
     )
     if state is not None:
         with resume_state_must_fit(run_dir / RESUME):  # edited by hand: one line
@@ -186,6 +197,19 @@ def build_session(accelerator, plan: RunPlan, cfg: TrainConfig, reporter: Report
         else:
             s.progress = restore_rank_state(state["rank_states"][rank], state["step"], device)
     return s
+
+
+def check_same_data(saved: dict | None, now: dict, data_dir: str, run_dir: Path) -> None:
+    """A resumed run trains on the data it started with: the same validation split, the same
+    images in the same order. (A resume.pt from before this check has no record: trusted.)"""
+    if saved is None or saved == now:
+        return
+    raise UserError(
+        f"--data-dir {data_dir} holds other training data than {run_dir} started with "
+        f"({now['images']} images, fingerprint {now['fingerprint']}; it started with "
+        f"{saved.get('images')}, {saved.get('fingerprint')}): resume with the data it started "
+        "with, or start a new run"
+    )
 
 
 def restore_training_state(s: Session, state: dict) -> None:

@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext, suppress
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -24,9 +25,11 @@ from ..cluster import restarts
 from ..cluster.accelerator import (
     collectives_fail_in_one_line,
     compiles,
+    cpu_precision,
     describe,
     end_accelerator,
     make_training_accelerator,
+    slow_bf16_note,
     thread_note,
 )
 from ..cluster.shared_errors import say_it_and_leave_together
@@ -56,12 +59,13 @@ from ..errors import (
     WriteFailed,
     error_line,
 )
+from ..recipes import CPU_PRECISION_RECIPES
 from ..store import layout
 from ..store.run_folder import release_locks, run_status
 from . import outputs
 from .console import Reporter, seconds_since_process_start
 from .ending import Ending, end_of_run, final_test_line
-from .plan import RunPlan, settle_config, share_plan
+from .plan import RunPlan, resumed_precision, settle_config, share_plan
 from .session import Session, build_session
 
 
@@ -99,12 +103,35 @@ def train(
     # default handling would kill it), and a later signal still exits at once.
     if stop_request is None:
         stop_request = StopRequest().install()
+    # The precision, where no one chose it: a resumed run keeps its own; a CPU recipe picks
+    # bf16 where the CPU has bf16 instructions. It is fixed when the Accelerator is built.
+    kept_precision = resumed_precision(cfg, explicit)
+    precision_note = None
+    if kept_precision:
+        cfg = replace(cfg, mixed_precision=kept_precision)
+        if kept_precision != "no":
+            precision_note = (
+                f"note: the run keeps its own mixed precision, {kept_precision} "
+                "(--mixed-precision changes it)"
+            )
+    else:
+        chosen = cpu_precision(explicit.get("mixed_precision"))
+        if chosen and cfg.recipe in CPU_PRECISION_RECIPES:
+            cfg = replace(cfg, mixed_precision=chosen[0])
+            words = "bf16" if chosen[0] == "bf16" else "fp32"
+            precision_note = (
+                f"precision: {words} chosen by --recipe {cfg.recipe}: {chosen[1]} "
+                "(--mixed-precision decides instead)"
+            )
     # Outside the error handling below: a process that hung or died cannot meet the others
     # at the barrier of say_it_and_leave_together, so every rank says that one itself.
     with collectives_fail_in_one_line(cfg.collective_timeout):
         accelerator = make_training_accelerator(cfg)
         try:
-            return run_training(accelerator, explicit, program, stop_request)
+            code = run_training(accelerator, explicit, program, stop_request, precision_note)
+            if code == EXIT_OK and accelerator.is_main_process:
+                restarts.forget_launch()  # ended as planned: no restart will read its records
+            return code
         except UserError as exc:  # the same on every rank: the main one says it before any exits
             say_it_and_leave_together(accelerator, exc, program)
             raise
@@ -115,7 +142,11 @@ def train(
 
 
 def run_training(
-    accelerator, explicit: dict[str, Any], program: str, stop_request: StopRequest
+    accelerator,
+    explicit: dict[str, Any],
+    program: str,
+    stop_request: StopRequest,
+    precision_note: str | None = None,
 ) -> int:
     reporter = Reporter(accelerator.is_main_process)
     plan = share_plan(accelerator, explicit)
@@ -141,7 +172,7 @@ def run_training(
         outputs.discard_unused_run(accelerator, plan)
         raise
     outputs.start_outputs(s, plan.resume_state)
-    print_header(s, resumed)
+    print_header(s, resumed, precision_note)
 
     try:
         end = train_epochs(s, stop_request, program)
@@ -167,11 +198,14 @@ def run_training(
         reporter.print(final_test_line(ending.final_test))
     if end.exit_code == EXIT_OK:
         best = s.best
-        reporter.print(
-            f"done: {end.status}; best {best.metric} {best.value:.4f} at epoch {best.epoch}; "
-            f"checkpoints in {s.run_dir}"
+        figures = (
+            f"; best {best.metric} {best.value:.4f} at epoch {best.epoch}"
             if best.value is not None
-            else f"done: {end.status}; checkpoints in {s.run_dir}"
+            else ""
+        )
+        reporter.print(
+            f"done: {end.status} after {training_time(s.elapsed)} of training{figures}; "
+            f"checkpoints in {s.run_dir}"
         )
     return end.exit_code
 
@@ -196,22 +230,37 @@ def complete_the_end(accelerator, plan: RunPlan, cfg: TrainConfig, reporter: Rep
     return EXIT_OK
 
 
-def print_header(s: Session, resumed: bool) -> None:
+def training_time(seconds: float) -> str:
+    """Training and validation time as the README's tables count it, resumes included."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    return (
+        f"{minutes} min {secs:02d} s"
+        if minutes < 60
+        else f"{minutes // 60} h {minutes % 60:02d} min"
+    )
+
+
+def print_header(s: Session, resumed: bool, precision_note: str | None = None) -> None:
     cfg, world = s.cfg, s.accelerator.num_processes
     restart = restarts.restart_line(s.start_epoch if resumed else None, s.progress.step)
     if restart:
         s.reporter.print(restart)
     where = f"run folder: {s.run_dir}"
     if resumed:
-        step = f", step {s.progress.step}" if s.progress.step else ""
+        step = (
+            f", at step {s.progress.step} of epoch {s.start_epoch + 1}" if s.progress.step else ""
+        )
         where += f" (resuming after epoch {s.start_epoch}{step})"
     s.reporter.print(where)
+    note = thread_note(s.accelerator)  # first: it may raise the thread count described next
     s.reporter.print(
         f"hardware: {describe(s.accelerator)}" + (", torch.compile" if cfg.compile else "")
     )
-    note = thread_note(s.accelerator)
-    if note:
-        s.reporter.print(note)
+    for line in (note, precision_note, slow_bf16_note(s.accelerator)):
+        if line:
+            s.reporter.print(line)
     scaled = f" (--lr {cfg.lr:g} x {world} processes)" if cfg.scale_lr else ""
     s.reporter.print(
         f"batch: {cfg.batch_size} per process, {cfg.batch_size * world} global; "

@@ -106,3 +106,32 @@ def atomic_copy(source: Path, target: Path) -> None:
             shutil.copyfile(source, tmp)
 
     atomic_write(target, write)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading: only regular files
+# --------------------------------------------------------------------------------------------
+class NotARegularFile(OSError):
+    """A run file that is a FIFO, a socket or a device (made by hand or by a hostile folder):
+    reading it would block for ever or never end."""
+
+
+def read_regular_bytes(path: Path) -> bytes:
+    """The bytes of the regular file at path (a symbolic link to one is fine). Raises
+    FileNotFoundError when it is missing, NotARegularFile for anything else: opened without
+    blocking (a FIFO with no writer) and checked before a byte is read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        import stat
+
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotARegularFile(f"{path} is not a regular file")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def read_regular_text(path: Path) -> str:
+    return read_regular_bytes(path).decode("utf-8")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -126,7 +127,9 @@ def save_resume_state(path: Path, state: dict[str, Any]) -> None:
 def load_resume_state(path: Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch adds a 2-line warning to a refused pickle
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"no resume state at {path}") from None
     except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a bad file
@@ -177,6 +180,13 @@ def resume_state_problem(state: dict) -> str | None:
             return problem
     if state["epoch"] < 0 or state["step"] < 0 or state["world_size"] < 1:
         return "epoch, step or world_size is negative"
+    data = state.get("data")  # newer versions: what identifies the training data
+    if data is not None and not (
+        isinstance(data, dict)
+        and isinstance(data.get("images"), int)
+        and isinstance(data.get("fingerprint"), str)
+    ):
+        return "data is not an object with images and fingerprint"
     if not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
         return "its model weights are not all tensors"
     ranks = state["rank_states"]

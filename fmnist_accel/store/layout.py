@@ -4,7 +4,7 @@ words from here (training, `eval`, `runs`, `plot`, the HParams entry). No import
 typing: `runs` and `plot` read run folders on a login node without torch.
 
     runs/NAME/
-      config.json          the resolved options of the run (config.TrainConfig)
+      config.json          the run's options as its latest start runs them (config.TrainConfig)
       metrics.jsonl        one EpochRecord per finished epoch
       best.safetensors     weights with the best validation metric (+ metadata)
       last.safetensors     weights of the latest finished epoch (+ metadata)
@@ -113,7 +113,7 @@ class Summary(TypedDict, total=False):
     final_test: FinalTest  # once the run has ended successfully and --final-test
 
 
-class Start(TypedDict):
+class Start(TypedDict, total=False):
     """One entry of provenance.json's "starts": where a start of the run came from."""
 
     time: float  # seconds since the epoch
@@ -121,3 +121,4 @@ class Start(TypedDict):
     code: dict  # {"version", "commit", "dirty", "changes"} (store/provenance.code_version)
     slurm_job: str | None  # 1234, or 1230_4 for an array task
     sweep: str | None  # the sweep's name (slurm/sweep.sbatch), else None
+    changed: dict  # a resume only, when it changed options: {name: [before, now]}

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from ..errors import UserError
-from .atomic import atomic_write_text, write_failed
+from .atomic import atomic_write_text, read_regular_bytes, read_regular_text, write_failed
 from .layout import (
     CHECKPOINT_NAMES,
     CONFIG,
@@ -53,7 +53,7 @@ def read_json(path: Path) -> dict | None:
     """The JSON object in `path`, or None (missing, unreadable, not JSON, or not an object:
     an edited summary.json holding a list must not break the code that reads it)."""
     try:
-        value = json.loads(Path(path).read_text())
+        value = json.loads(read_regular_text(Path(path)))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return value if isinstance(value, dict) else None
@@ -96,6 +96,8 @@ def resolve_checkpoint(spec: str, run_dir: str | None, output_dir: str) -> Path:
         raise UserError(
             f"{path} is a folder: name a checkpoint file, or use best|last --run-dir {path}"
         )
+    if path.exists() and not path.is_file():  # a FIFO or a device: reading it would block
+        raise UserError(f"{path} is not a regular file: name a checkpoint file")
     if not path.is_file():
         raise UserError(
             f"no checkpoint {spec!r}: give best, last or the path of a .safetensors file"
@@ -105,6 +107,8 @@ def resolve_checkpoint(spec: str, run_dir: str | None, output_dir: str) -> Path:
 
 def check_writable(folder: Path) -> None:
     """Create `folder` and prove a file can be written there, before any training starts."""
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{folder} is a file, not a folder: choose another name, or move it away")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{os.getpid()}"
@@ -136,13 +140,16 @@ def claim_run_dir(folder: Path) -> str | None:
     refused run changes none of the folder's files. Returns a note for the user when this
     file system refuses flock: the run then goes on unguarded.
     """
+    refuse_links(folder)
     check_writable(folder)
     try:
         import fcntl
     except ImportError:  # Windows: no flock; runs there are not guarded
         return None
     try:
-        handle = open(folder / LOCK, "a")  # noqa: SIM115 (held open until the run ends)
+        # O_NOFOLLOW: a .lock made a link after refuse_links looked is not followed either
+        fd = os.open(folder / LOCK, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        handle = os.fdopen(fd, "a")
     except OSError as exc:
         raise UserError(f"cannot open {folder / LOCK}: {exc.strerror or exc}") from None
     try:
@@ -161,6 +168,19 @@ def claim_run_dir(folder: Path) -> str | None:
     check_layout(folder)
     remove_temp_files(folder)  # of writes a kill interrupted, in this folder before
     return None
+
+
+def refuse_links(folder: Path) -> None:
+    """A run folder, and its lock, must be what they are named, not symbolic links: a link
+    would have the run write (and its clean-up delete) wherever it points, outside
+    --output-dir."""
+    folder = Path(folder)
+    for path, what in ((folder, "run folder"), (folder / LOCK, "run's lock file")):
+        if path.is_symlink():
+            raise UserError(
+                f"{path} is a symbolic link (to {os.readlink(path)}): a {what} must not be "
+                "one; remove the link, or give the folder it points to as --output-dir"
+            )
 
 
 def check_layout(folder: Path) -> None:
@@ -249,7 +269,7 @@ class MetricsLog:
         """On resume, drop records of epochs after the resume point (they will be redone)."""
         if not self.path.exists():
             return
-        kept = [r for r in self.read() if r.get("epoch", 0) <= last_epoch]
+        kept = [r for r in self.read(strict=True) if r["epoch"] <= last_epoch]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def append(self, record: dict) -> None:
@@ -262,14 +282,41 @@ class MetricsLog:
         except OSError as exc:
             raise write_failed(self.path, exc) from None
 
-    def read(self) -> list[dict]:
-        """The records; a line torn by a kill in mid-append is skipped."""
-        if not self.path.exists():
+    def read(self, strict: bool = False) -> list[dict]:
+        """The epoch records. The last line may be torn by a kill in mid-append: skipped.
+        Another line that is not an epoch record (binary bytes, a list, no epoch: damage or a
+        hand edit) is skipped too, or with strict (a resume, which rewrites the file) refused
+        in one line, so that nothing is dropped without the user's word."""
+        try:
+            lines = read_regular_bytes(self.path).split(b"\n")
+        except FileNotFoundError:
             return []
+        except OSError as exc:
+            raise UserError(f"cannot read {self.path}: {exc.strerror or exc}") from None
+        last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
         records = []
-        for line in self.path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
                 continue
+            record = epoch_record(line)
+            if record is not None:
+                records.append(record)
+            elif strict and number - 1 != last:
+                raise UserError(
+                    f"{self.path} line {number} is not an epoch record (a JSON object with an "
+                    "integer epoch): the file is damaged; repair or delete that line, then "
+                    "resume"
+                )
         return records
+
+
+def epoch_record(line: bytes) -> dict | None:
+    """The metrics.jsonl line as a record, or None when it is not one."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict):
+        return None
+    epoch = record.get("epoch")
+    return record if isinstance(epoch, int) and not isinstance(epoch, bool) else None

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import read_regular_text
 from .layout import (
     CONFIG,
     LOCK,
@@ -70,11 +71,13 @@ class RunInfo:
 def read_json_object(path: Path) -> tuple[dict | None, str | None]:
     """(the JSON object in path, None) or (None, what is wrong); (None, None) if absent."""
     try:
-        text = path.read_text()
+        text = read_regular_text(path)
     except FileNotFoundError:
         return None, None
     except OSError as exc:
         return None, f"{path.name} unreadable ({exc.strerror or exc})"
+    except UnicodeDecodeError:
+        return None, f"{path.name} is not valid JSON (half-written?)"
     try:
         value = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -88,7 +91,7 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], int]:
     """(epoch records in order, count of unreadable lines). A line torn by a kill in
     mid-append is counted, not fatal; records without an integer epoch are dropped too."""
     try:
-        text = (Path(run_dir) / METRICS).read_text()
+        text = read_regular_text(Path(run_dir) / METRICS)
     except (OSError, UnicodeDecodeError):
         return [], 0
     records, bad = [], 0
