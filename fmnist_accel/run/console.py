@@ -99,19 +99,27 @@ class Reporter:
         self._task = self._progress.add_task("train", total=steps, completed=done, status="")
         self._progress.refresh()
 
+    def close(self) -> None:
+        """Take the bar off the screen (a stop that ends the process from another thread:
+        without this the bar stays drawn, and the shell's prompt follows it on its line)."""
+        progress, self._progress = self._progress, None
+        if progress is not None:
+            progress.stop()
+
     def step(self, completed: int, loss_sum=None, count: int = 0) -> None:
         """After each training step. loss_sum: this epoch's summed training loss so far on
         this rank (a device tensor), count: its number of images."""
-        if self._progress is None:
+        progress = self._progress  # once: close() may run in the stop signal's thread
+        if progress is None:
             return
         now = self.now()
         if not self._clock.due(completed, now, self.REFRESH_SECONDS):
             return
         loss = float(loss_sum) / count if loss_sum is not None and count else None
-        self._progress.update(
+        progress.update(
             self._task, completed=completed, status=self._clock.status(completed, now, loss)
         )
-        self._progress.refresh()
+        progress.refresh()
 
     def epoch_end(self, record: dict | None, epochs: int) -> None:
         if self._progress is not None:

@@ -398,8 +398,10 @@ def save_at_once(s: Session, fence: StepFence, epoch: int, signum: int, program:
             outputs.write_ending(s.accelerator, s.run_dir, Ending(), s.reporter.print)  # HParams
         except WriteFailed as exc:
             detail = f"{exc}; free some space, then resume with --resume {s.run_dir}"
+            s.reporter.close()
             print(error_line(program, detail), file=sys.stderr, flush=True)
             exit_now(EXIT_WRITE_FAILED)
+        s.reporter.close()
         s.reporter.print(detail)
         exit_now(EXIT_PREEMPTED)
 
