@@ -1,7 +1,9 @@
 #!/bin/bash
 # Install what tests/test_slurm.py needs on a Debian (or Ubuntu) machine: Debian's slurm-wlm
-# (slurmctld, slurmd, the client commands, the basic plugins) and munge. Idempotent: when they
-# are there it only says so. Runs as root (CI) or through sudo.
+# (slurmctld, slurmd, the client commands, the basic plugins) and munge; and iproute2, whose
+# `ip` makes the test hosts (network namespaces) of tests/test_hosts.py and
+# tests/test_slurm_hosts.py (a fresh Debian image lacks it). Idempotent: when they are there
+# it only says so. Runs as root (CI) or through sudo.
 #
 #   .ci/install-slurm.sh && FMNIST_ACCEL_REQUIRE_SLURM=1 python -m pytest tests/test_slurm.py
 #
@@ -9,8 +11,8 @@
 # configuration, from tests/support/slurm_cluster.py), and nothing under /etc is configured.
 set -euo pipefail
 
-PACKAGES=(slurm-wlm munge)
-PROGRAMS=(slurmctld slurmd munged sbatch srun scontrol squeue scancel sinfo)
+PACKAGES=(slurm-wlm munge iproute2)
+PROGRAMS=(slurmctld slurmd munged sbatch srun scontrol squeue scancel sinfo ip)
 
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 have_programs() {

@@ -1,4 +1,4 @@
-"""The `fmnist-accel` command: train, eval, predict, plot, runs.
+"""The `fmnist-accel` command: train, eval, predict, export, plot, runs.
 
 The train options are generated from config.TrainConfig, so `fmnist-accel train`,
 `python -m fmnist_accel.train` and `accelerate launch -m fmnist_accel.train` share one
@@ -118,6 +118,7 @@ def cli():
     accelerate launch -m fmnist_accel.train --epochs 20
     fmnist-accel eval best --json
     fmnist-accel predict best --index 10
+    fmnist-accel export best --output model.onnx
     """
 
 
@@ -287,14 +288,50 @@ def runs_command(output_dir, sort, sweep, as_json):
     help="Save the image with its prediction as a PNG here.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option(
+    "--onnx",
+    "onnx_path",
+    metavar="FILE",
+    default=None,
+    help="Classify with this ONNX file (written by `fmnist-accel export`) through onnxruntime "
+    "instead of a checkpoint; --index reads the test images from --data-dir [default: data].",
+)
 def predict_command(
-    checkpoint, run_dir, output_dir, data_dir, index, image_path, invert, top, save_path, as_json
+    checkpoint,
+    run_dir,
+    output_dir,
+    data_dir,
+    index,
+    image_path,
+    invert,
+    top,
+    save_path,
+    as_json,
+    onnx_path,
 ):
-    """Classify one test image (--index) or a picture file (--image)."""
-    from .commands.predict import run_predict
+    """Classify one test image (--index) or a picture file (--image), with a checkpoint or
+    an exported ONNX file (--onnx)."""
+    from .commands.predict import run_predict, run_predict_onnx
 
     if (index is None) == (image_path is None):
         raise click.UsageError("give exactly one of --index N or --image FILE")
+    if onnx_path is not None:
+        ctx = click.get_current_context()
+        given = [
+            shown
+            for name, shown in (
+                ("checkpoint", f"the checkpoint {checkpoint}"),
+                ("run_dir", "--run-dir"),
+            )
+            if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+        ]
+        if given:
+            raise click.UsageError(
+                f"--onnx classifies with the ONNX file alone: leave out {' and '.join(given)}"
+            )
+        return run_predict_onnx(
+            onnx_path, data_dir, index, image_path, invert, top, save_path, as_json
+        )
     return run_predict(
         checkpoint,
         run_dir,
@@ -306,6 +343,58 @@ def predict_command(
         top,
         save_path,
         as_json,
+    )
+
+
+@cli.command("export")
+@checkpoint_argument
+@run_dir_option
+@output_dir_option
+@click.option(
+    "--data-dir",
+    default=None,
+    help="Fashion-MNIST folder of the check's test images [default: the one the run trained on].",
+)
+@click.option(
+    "--output",
+    "-o",
+    required=True,
+    metavar="FILE.onnx",
+    help="The ONNX file to write; an existing file is replaced only by one that passed the check.",
+)
+@click.option(
+    "--tta/--no-tta",
+    default=False,
+    show_default=True,
+    help="Put flip test-time augmentation into the graph: the mean of the logits of each image "
+    "and its mirror, as `eval --tta`.",
+)
+@click.option(
+    "--opset",
+    type=click.IntRange(min=18),
+    default=None,
+    help="ONNX opset version [default: the exporter's; 18 or higher].",
+)
+def export_command(checkpoint, run_dir, output_dir, data_dir, output, tta, opset):
+    """Export a checkpoint's model to ONNX, and check it against PyTorch with onnxruntime.
+
+    \b
+    fmnist-accel export best --output model.onnx
+    fmnist-accel predict --onnx model.onnx --index 10
+
+    The graph takes uint8 images N x 1 x 28 x 28 (any N; grey levels 0..255, a light item on
+    black; an N x 28 x 28 array needs images[:, None]), scales and normalises them as
+    training did, and returns the logits (N x 10). Its metadata holds the class names, the
+    model, the checkpoint's epoch and metrics and the toolkit's version. Before the file
+    replaces anything, onnxruntime runs it on the test split and on random images, and every
+    logit must be within 1e-4 x the largest |logit| (at least 1) of PyTorch's, or nothing is
+    written. The last line names the file, its size, the onnxruntime test accuracy and the
+    largest difference. Needs the export extra: pip install 'fmnist-accel[export]'.
+    """
+    from .commands.export import run_export
+
+    return run_export(
+        checkpoint, run_dir, output_dir, data_dir, output, tta, opset, program=program_name()
     )
 
 

@@ -539,7 +539,7 @@ head_address() { # this node's address for the others: SLURM's NodeAddr for it, 
 # each launcher then exits 1, and srun's --kill-on-bad-exit would kill the other machines
 # while the main process writes summary.json.
 node_main() {
-    local rank=$SLURM_PROCID host=${SLURMD_NODENAME:-$(hostname -s)} launcher=""
+    local rank=$SLURM_PROCID host=${SLURMD_NODENAME:-$(hostname -s)} launcher="" local_addr=""
     node_log() { echo "machine $rank ($host): $*"; }
     if [[ -n ${FMNIST_NODE_SETUP:-} ]]; then
         # shellcheck disable=SC1090  # the user's file
@@ -556,6 +556,16 @@ node_main() {
             # others are given; each is told whether it hosts it (torch's own guess compares
             # host names, and misses secondary addresses).
             rendezvous=(--rdzv_backend c10d --rdzv_conf "is_host=$( ((rank == 0)) && echo 1 || echo 0)")
+            # The machine that the rendezvous makes the first hosts the processes' own store,
+            # and gives the others its address: torchrun's --local_addr, else its host name's
+            # FQDN, which the other nodes may resolve to a loopback address (Debian's
+            # 127.0.1.1) or not at all, and their processes then wait for the collective
+            # timeout. Each launcher is given its own address toward the head instead: the
+            # source address of its route there (PET_LOCAL_ADDR is --local_addr).
+            local_addr=$("$FMNIST_PYTHON" -c 'import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.connect((sys.argv[1], 9))
+print(s.getsockname()[0])' "$FMNIST_HEAD_ADDR" 2>/dev/null) && export PET_LOCAL_ADDR=$local_addr
         fi
         # shellcheck disable=SC2086  # LAUNCH_ARGS is a list of options
         set -- "$FMNIST_PYTHON" -m accelerate.commands.launch --quiet --config_file "$FMNIST_CONFIG" \
@@ -566,7 +576,7 @@ node_main() {
     else
         set -- "$FMNIST_PYTHON" "$@" # one process in all: no launcher (see train_on_nodes)
     fi
-    node_log "$*"
+    node_log "${PET_LOCAL_ADDR:+PET_LOCAL_ADDR=$PET_LOCAL_ADDR }$*"
     # A request that comes while a training process starts, before it has its handlers (it
     # starts with the signals ignored), is kept in this file, which it reads when it installs
     # them (fmnist_accel/cluster/stop_signals.py).

@@ -26,7 +26,7 @@ def heavy_modules_after(calls: str) -> str:
 def test_cli_and_help_do_not_import_heavy_modules():
     helps = "".join(
         f"    cli.main({[*command, '--help']!r}, standalone_mode=False)\n"
-        for command in ([], ["train"], ["eval"], ["predict"], ["plot"], ["runs"])
+        for command in ([], ["train"], ["eval"], ["predict"], ["export"], ["plot"], ["runs"])
     )
     assert "HEAVY []" in heavy_modules_after(helps)
 

@@ -116,6 +116,8 @@ def compiles(accelerator) -> bool:
 # Words of gloo's errors when the processes cannot connect to each other as they form the
 # group (or form it again after a restart).
 _CONNECT_WORDS = ("connectFullMesh", "Connect timeout")
+# ... and torch's, when they cannot all meet at the store the launcher gave them (MASTER_ADDR).
+_STORE_WORDS = ("waiting for clients", "failed to connect to any network address")
 # Words of gloo's (and NCCL's) errors when a peer stops answering or goes away.
 _TIMEOUT_WORDS = ("Timed out waiting", "timeout caused pair closure", "Socket Timeout", "timed out")
 _PEER_LOST_WORDS = (
@@ -145,6 +147,18 @@ def unreachable_peer(text: str) -> str:
             "network interface the machines share"
         )
     return f"{said}: its machine is unreachable or the process is gone"
+
+
+def unreachable_store(timeout_s: float) -> str:
+    """The processes did not all reach their store (MASTER_ADDR:MASTER_PORT) in time."""
+    store = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    return (
+        f"the processes did not all reach the run's store at {store} (the launcher's "
+        f"MASTER_ADDR) within {timeout_s:g} s: a machine is unreachable, or that address is "
+        "not the same machine for all of them (a host name that resolves to a loopback "
+        "address: start each launcher with PET_LOCAL_ADDR, torchrun's --local_addr, set to "
+        "its own address)"
+    )
 
 
 def gloo_interface_toward_the_rendezvous() -> str | None:
@@ -258,6 +272,8 @@ def collective_failure(exc: BaseException, timeout_s: float) -> CollectiveFailur
     text = str(exc)
     rank = os.environ.get("RANK", "?")
     then = "this process stops (the launcher restarts the group if --max_restarts allows)"
+    if any(word in text for word in _STORE_WORDS):
+        return CollectiveFailure(f"rank {rank}: {unreachable_store(timeout_s)}; {then}")
     if any(word in text for word in _CONNECT_WORDS):  # before the timeout: "timed out connecting"
         return CollectiveFailure(f"rank {rank}: {unreachable_peer(text)}; {then}")
     if any(word in text for word in _TIMEOUT_WORDS):
