@@ -12,14 +12,13 @@ metadata_props say which classes the logits are for and where the model came fro
 from __future__ import annotations
 
 import json
-import os
 import re
-import stat
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import UserError
+from ..store.atomic import special_file_kind
 
 # The extra that `export` and `predict --onnx` need, and the modules it brings.
 EXTRA = "export"
@@ -62,15 +61,14 @@ def ort_error(exc: Exception) -> str:
 
 def check_model_file(path: str) -> None:
     """A regular file, or one line: a FIFO would block for ever, a folder has no model."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise UserError(f"no ONNX model at {path}") from None
-    except OSError as exc:
-        raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
-    if stat.S_ISDIR(mode):
+    kind = special_file_kind(path)
+    if kind == "missing":
+        raise UserError(f"no ONNX model at {path}")
+    if kind is not None and kind.startswith("unreadable"):
+        raise UserError(f"cannot read {path}: {kind.removeprefix('unreadable (')[:-1]}")
+    if kind == "a folder":
         raise UserError(f"{path} is a folder: give the .onnx file that export wrote")
-    if not stat.S_ISREG(mode):
+    if kind is not None:
         raise UserError(f"{path} is not a regular file: give the .onnx file that export wrote")
 
 

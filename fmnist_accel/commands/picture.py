@@ -20,7 +20,6 @@ set image is classified exactly like the image itself.
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 
@@ -29,6 +28,7 @@ import torch
 
 from ..engine.data import IMAGE_SIZE
 from ..errors import UserError
+from ..store.atomic import special_file_kind
 
 # The border ring whose median grey level decides the background: 2% of the shorter side.
 BORDER_FRACTION = 0.02
@@ -77,20 +77,14 @@ def read_picture(path: str, invert: bool | None = None) -> Picture:
 def refuse_special_file(path: str) -> None:
     """Only a regular file is read: a FIFO or a socket would block for ever, a device read
     without end."""
-    import stat
-
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        raise UserError(f"--image {path}: no such file") from None
-    except OSError as exc:
-        raise UserError(f"--image {path}: cannot read it ({exc.strerror or exc})") from None
-    if stat.S_ISDIR(mode):
+    kind = special_file_kind(path)
+    if kind == "missing":
+        raise UserError(f"--image {path}: no such file")
+    if kind is not None and kind.startswith("unreadable"):
+        raise UserError(f"--image {path}: cannot read it {kind.removeprefix('unreadable ')}")
+    if kind == "a folder":
         raise UserError(f"--image {path} is a folder: give a picture file")
-    if not stat.S_ISREG(mode):
-        kind = (
-            "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else ("a device")
-        )
+    if kind is not None:
         raise UserError(f"--image {path} is {kind}, not a regular file: give a picture file")
 
 

@@ -135,3 +135,21 @@ def read_regular_bytes(path: Path) -> bytes:
 
 def read_regular_text(path: Path) -> str:
     return read_regular_bytes(path).decode("utf-8")
+
+
+def special_file_kind(path: str | Path) -> str | None:
+    """None for a regular file (or a link to one); else what it is, in words a user knows:
+    'missing', 'a folder', 'a FIFO', 'a socket', 'a device', or 'unreadable (REASON)'."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"

@@ -22,7 +22,14 @@ import time
 from pathlib import Path
 
 from .hosts import SWITCH_ADDRESS, Hosts
-from .slurm_cluster import SlurmCluster, SlurmError, detect_cpus, find_program, free_port
+from .slurm_cluster import (
+    SlurmCluster,
+    SlurmError,
+    detect_cpus,
+    find_program,
+    free_port,
+    scheduling_settings,
+)
 
 
 class TwoNodeCluster(SlurmCluster):
@@ -139,23 +146,7 @@ SlurmdPidFile={r}/slurmd-%n.pid
 SlurmctldLogFile={r}/slurmctld.log
 SlurmdLogFile={r}/slurmd-%n.log
 PlugStackConfig={r}/plugstack.conf
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/filetxt
-JobCompLoc={self.jobcomp}
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-SchedulerType=sched/builtin
-MpiDefault=none
-ReturnToService=2
-MinJobAge=600
-KillWait=30
-SlurmctldTimeout=30
-SlurmdTimeout=60
-InactiveLimit=0
-{nodes}
+{scheduling_settings(self.jobcomp)}{nodes}
 PartitionName=debug Nodes={",".join(self.nodes)} Default=YES MaxTime=INFINITE State=UP
 """
         )
