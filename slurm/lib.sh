@@ -439,6 +439,30 @@ end_job() { # requeue or not, then exit with a code that says what happened
             log "scontrol requeue failed: resubmit with RUN_NAME=$RUN_NAME to resume"
         fi
     fi
+    # A process hung or died and torchrun's restarts ran out (exit 4: a node or the network
+    # between nodes failed, or a process was killed): requeued, since the next start may get
+    # other nodes or a healed network. Not counted against MAX_REQUEUES: a chain of such
+    # starts ends when one saves nothing new (MAX_STARTS_WITHOUT_PROGRESS), and every start
+    # that saved brings the run closer to its end.
+    if [[ -z $asked && $code == "$EXIT_PEER_FAILED" && -n $unfinished ]]; then
+        if ((IDLE_STARTS >= MAX_STARTS_WITHOUT_PROGRESS)); then
+            log "not requeued after the failure: $IDLE_STARTS starts in a row saved no new" \
+                "state (MAX_STARTS_WITHOUT_PROGRESS=$MAX_STARTS_WITHOUT_PROGRESS); resubmit" \
+                "with RUN_NAME=$RUN_NAME once the nodes and the network between them are sound"
+        else
+            write_chain
+            log "requeueing $JOB_REF after a failure between processes (exit code" \
+                "$EXIT_PEER_FAILED: a node, the network between nodes or a process failed;" \
+                "$([[ -n $saved ]] && echo "this start saved new state" ||
+                    echo "this start saved nothing: $IDLE_STARTS of at most" \
+                        "$MAX_STARTS_WITHOUT_PROGRESS in a row")): the next start resumes $RUN_DIR"
+            STOP=requeued
+            if scontrol requeue "$JOB_REF"; then
+                exit "$EXIT_PEER_FAILED"
+            fi
+            log "scontrol requeue failed: resubmit with RUN_NAME=$RUN_NAME to resume"
+        fi
+    fi
     write_chain # SLURM may requeue the job itself (a preemption): the next start reads it
     log "job exit code $code: $(exit_meaning "$code")"
     exit "$code"
@@ -669,6 +693,10 @@ train_on_nodes() { # TRAINING_OPTIONS...: the training as one srun step, then en
     # gloo ranks find their dead peers' addresses (connectFullMesh refused): a fresh store per
     # restart avoids it (docs/faults.md).
     if ((MAX_RESTARTS > 0 && machines > 1)); then export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1; fi
+    # Every machine runs as many processes: each launcher computes its processes' ranks rather
+    # than exchanging them through the rendezvous store, where a launcher cut off from the
+    # network waited for minutes (docs/faults.md, "Several hosts").
+    ((machines > 1)) && export TORCH_ELASTIC_WORKER_IDENTICAL=1
     local train srun
     train=(-m fmnist_accel.train --output-dir "$OUTPUT_DIR" --run-name "$RUN_NAME" --resume auto
         "$@")

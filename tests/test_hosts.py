@@ -409,6 +409,54 @@ def test_network_cut_stops_both_hosts_at_the_collective_timeout_and_resume_compl
 
 @pytest.mark.slow
 @pytest.mark.hosts
+def test_network_cut_under_max_restarts_ends_both_launchers_in_seconds(hosts, data_dir, tmp_path):
+    """multi_machine.yaml's restart recipe (--max_restarts, TORCH_DISABLE_SHARE_RDZV_TCP_STORE
+    and TORCH_ELASTIC_WORKER_IDENTICAL): a host cut off for good in the middle of an epoch.
+    Both ranks stop at the collective timeout; each launcher restarts its process once, which
+    cannot reach the other and exits 4, and the launchers end: nothing is left on either host
+    within a minute. Without TORCH_ELASTIC_WORKER_IDENTICAL the cut-off host's launcher waited
+    in torch's exchange of ranks through the unreachable store for minutes (torch's store
+    timeout is 15)."""
+    out, pause, pids = tmp_path / "runs", tmp_path / "pause", tmp_path / "pids"
+    pids.mkdir()
+    env = process_env(
+        ACCELERATE_USE_CPU="1", GLOO_SOCKET_IFNAME=IFACE, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",
+        TORCH_ELASTIC_WORKER_IDENTICAL="1",
+        FAULT_ONLY_RANK="1", FAULT_PAUSE_STEP=str(STEPS_PER_EPOCH + 4),
+        FAULT_PAUSE_FILE=str(pause), FAULT_PID_DIR=str(pids),
+    )  # fmt: skip
+    args = [
+        *options(data_dir, out, "cut"),
+        "--resume",
+        "auto",
+        "--collective-timeout",
+        str(TIMEOUT),
+    ]
+    launch = Launch(hosts, [HARNESS, *args], tmp_path, env=env, max_restarts=1)
+    launch.wait_for(pause.exists, "rank 1 at step 4 of epoch 2")
+    cut = hosts.host_of(int((pids / "rank1.pid").read_text()))
+    assert cut is not None, launch.all_text()
+    hosts.cut(cut)
+    cut_at = time.monotonic()
+    pause.unlink()
+    try:
+        codes = launch.wait(timeout=TIMEOUT + 120)
+        ended_s = time.monotonic() - cut_at
+    finally:
+        hosts.heal(cut)
+    assert codes == [1, 1], launch.all_text()
+    assert ended_s < TIMEOUT + 50, (ended_s, launch.all_text())
+    for host in hosts:
+        said = error_lines(launch.text(host.index))
+        assert said and f"no answer from the other processes for {TIMEOUT} s" in said[0], (
+            launch.all_text()
+        )
+    assert_nothing_left(hosts)
+    print(f"network cut under --max_restarts 1: both launchers ended {ended_s:.1f} s after it")
+
+
+@pytest.mark.slow
+@pytest.mark.hosts
 def test_killed_rendezvous_host_ends_the_other_in_seconds_with_one_line(hosts, data_dir, tmp_path):
     """Every process on the first host (the rendezvous store, its launcher, its rank) is
     SIGKILLed in epoch 2, under --max_restarts 2: the other host's rank says in one line that
@@ -448,6 +496,7 @@ def test_killed_process_on_one_host_restarts_the_group_on_both(
     out, once = tmp_path / "runs", tmp_path / "killed-once"
     env = process_env(
         ACCELERATE_USE_CPU="1", GLOO_SOCKET_IFNAME=IFACE, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",
+        TORCH_ELASTIC_WORKER_IDENTICAL="1",
         FAULT_ONLY_RANK="1", FAULT_KILL_STEP=str(STEPS_PER_EPOCH + 4), FAULT_ONCE_FILE=str(once),
     )  # fmt: skip
     args = [*options(data_dir, out, "restarted"), "--resume", "auto"]

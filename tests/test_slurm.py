@@ -180,11 +180,15 @@ class Job:
         """`scancel --batch --signal=NAME`: the signal to the batch shell only (as --signal=B:)."""
         self.cluster.run("scancel", "--batch", f"--signal={signal_name}", self.ref)
 
-    def start_requeued_now(self) -> None:
-        """Wait for the requeue, then start the job at once instead of after SLURM's delay."""
+    def start_requeued_now(self, restarts: int = 1) -> None:
+        """Wait for the requeue (the job's `restarts`-th), then start the job at once instead of
+        after SLURM's delay."""
         self.wait_for(
             "the requeue",
-            lambda: self.info().get("JobState") == "PENDING" and self.info().get("Restarts") == "1",
+            lambda: (
+                self.info().get("JobState") == "PENDING"
+                and self.info().get("Restarts") == str(restarts)
+            ),
             timeout=120,
         )
         # Not in the second its last start was killed in: slurmd revokes a requeued job's
@@ -725,6 +729,7 @@ Root Cause (first observed failure):
   exitcode  : 2 (pid: 11)
 """
 KILLED_REPORT = TORCHRUN_REPORT.replace("exitcode  : 2", "exitcode  : -9")
+PEER_REPORT = TORCHRUN_REPORT.replace("exitcode  : 2", "exitcode  : 4")
 SAVED_PREEMPTED = f"{SAVE_RESUME}; {write_summary('preempted')}"
 
 # Each case: (earlier state, what this start did, the batch shell's stop signal, the step's
@@ -768,6 +773,21 @@ END_CASES = {
     "bad input, report from an earlier start": (
         'printf \'%s\' "$REPORT" >> "$STDERR_FILE"', "", "", 1, "", 1, False,
     ),
+    "a node or the network failed (exit 4), saved: requeue": (
+        SAVED_PREEMPTED, f'{SAVE_RESUME}; printf \'%s\' "$PEER" >> "$STDERR_FILE"', "", 1, "",
+        4, True,
+    ),
+    "exit 4, nothing saved, once after progress: requeue": (
+        SAVED_PREEMPTED, 'printf \'%s\' "$PEER" >> "$STDERR_FILE"', "", 1, "", 4, True,
+    ),
+    "exit 4, nothing saved, the second start in a row: not requeued": (
+        SAVED_PREEMPTED, 'printf \'%s\' "$PEER" >> "$STDERR_FILE"', "", 1,
+        "fmnist:time=0,idle=1", 4, False,
+    ),
+    "exit 4 after the run ended: not requeued": (
+        write_summary("completed", ending="done"), 'printf \'%s\' "$PEER" >> "$STDERR_FILE"', "",
+        1, "", 4, False,
+    ),
     "already ended: completed": (write_summary("completed"), "", "", 0, "", 0, False),
     "already ended: diverged": (write_summary("diverged"), "", "", 0, "", 3, False),
     "cancelled, saved": ("", SAVED_PREEMPTED, "TERM", 1, "", 75, False),
@@ -794,7 +814,8 @@ def test_end_of_start_decision(tmp_path, case):
         STOP={stop} CHILD_RC={rc}
         end_job
     """
-    env = {"REPORT": TORCHRUN_REPORT, "KILLED": KILLED_REPORT, "SLURM_JOB_ID": "7"}
+    env = {"REPORT": TORCHRUN_REPORT, "KILLED": KILLED_REPORT, "PEER": PEER_REPORT,
+           "SLURM_JOB_ID": "7"}  # fmt: skip
     result = run_lib(tmp_path, script, **env)
     output = result.stdout + result.stderr
     assert result.returncode == expected_code, output

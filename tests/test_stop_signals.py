@@ -172,6 +172,42 @@ def test_a_run_killed_during_its_end_has_the_end_completed_by_the_next_start(dat
     assert last.rc == 0 and "already ended (completed)" in last.stdout, str(last)
 
 
+@pytest.mark.slow
+def test_a_signal_to_one_rank_alone_stops_both_and_is_named(data, tmp_path):
+    """SIGTERM to rank 1 only (a node's own shutdown, a signal sent by hand to one process):
+    both ranks stop at the same step and save; the main process, which got no signal, names
+    the one that stopped the run in summary.json (a SLURM job requeues for SIGUSR1 alone)."""
+    args = ["--model", "mlp", "--epochs", "2", "--batch-size", "8", "--data-dir", data,
+            "--output-dir", tmp_path, "--run-name", "one"]  # fmt: skip
+    env = process_env(FAULT_TERM_STEP="5", FAULT_ONLY_RANK="1", FAULT_STEP_SECONDS="0.05")
+    res = run_command(launch_command(2, [str(HARNESS), *map(str, args)]), tmp_path, env=env)
+    done = summary(tmp_path / "one")
+    assert done["status"] == "preempted" and done["stopped_by"] == "SIGTERM", str(res)
+    assert done["detail"].startswith("stopped by SIGTERM in epoch 1 after step "), done
+    assert [r["epoch"] for r in done["ranks"]] == [1, 1], done
+    assert "rank 1: received SIGTERM" in res.stderr and "rank 0: received" not in res.stderr
+    assert "stopped by SIGTERM in epoch 1" in res.stdout, str(res)
+    assert resume_state(tmp_path / "one")["epoch"] == 0
+
+
+STOP_REQUEST_ADOPTED_SCRIPT = """
+import os, signal, time
+from fmnist_accel.cluster.stop_signals import StopRequest
+stop = StopRequest().install()
+assert not stop.adopt(0) and not stop
+assert stop.adopt(signal.SIGUSR1) and stop.name == "SIGUSR1"
+time.sleep(1.5)
+os.kill(os.getpid(), signal.SIGUSR1)  # the rank's own copy, late: the same request
+time.sleep(0.5)
+print("alive", stop.name, stop.adopted)
+"""
+
+
+def test_a_late_copy_of_an_adopted_signal_is_the_same_request():
+    res = run_command([sys.executable, "-c", STOP_REQUEST_ADOPTED_SCRIPT])
+    assert (res.rc, res.stdout.strip(), res.stderr) == (0, "alive SIGUSR1 False", ""), str(res)
+
+
 def test_two_signals_within_a_second_are_one_request(data, tmp_path):
     """The second SIGTERM, 0.2 s after the first, comes while the stopped run writes and
     exits: it is the same request, not a kill."""

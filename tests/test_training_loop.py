@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 import torch
 
@@ -48,6 +50,8 @@ def test_between_epochs_only_stop_requests_are_checked():
     accelerator = Accelerator(cpu=True)
     assert check_stop(accelerator, True)[:2] == (STOP_SIGNAL, [])
     assert check_stop(accelerator, False)[:2] == (None, [])
+    # which signal: every rank learns it (several ranks: the lowest one's)
+    assert check_stop(accelerator, int(signal.SIGUSR1)).signum == signal.SIGUSR1
     # in the step loop, a non-finite loss outranks a signal
     assert check_stop(accelerator, True, torch.tensor(float("nan")))[0] != STOP_SIGNAL
     assert global_train_loss(EpochProgress(step=3, loss_sum=6.0, count=4), accelerator) == 1.5

@@ -39,6 +39,7 @@ class StopRequest:
         self.signum: int | None = None
         self.on_first_signal: Callable[[int], None] | None = None  # runs in the watcher
         self.after_last_epoch = False  # the run is finishing its end: nothing to save
+        self.adopted = False  # signum is another rank's signal, not yet one of this process's
         self._first_at = 0.0
         self._previous: dict[int, object] = {}
         self._previous_fd = -1
@@ -51,6 +52,20 @@ class StopRequest:
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ""
+
+    @property
+    def number(self) -> int:
+        """The signal's number, 0 for none: what the ranks tell each other (engine/loop.py)."""
+        return self.signum or 0
+
+    def adopt(self, signum: int) -> bool:
+        """The ranks agreed to stop for `signum`, which another rank may have got alone: this
+        process stops for it too, and names it. A copy of the signal that reaches this process
+        later is the same request, however late: the stop is under way. True if stopping."""
+        if signum and self.signum is None:
+            self.signum = signum
+            self.adopted = True
+        return bool(signum)
 
     def install(self) -> StopRequest:
         """From the main thread (Python allows signal handlers nowhere else). A request kept
@@ -100,6 +115,10 @@ class StopRequest:
     def handle(self, signum: int) -> None:
         """What a stop signal does (in the watcher thread)."""
         if self.signum is not None:
+            if self.adopted:  # the stop it asks for is under way: this copy is not a second
+                self.adopted = False
+                self._first_at = time.monotonic()
+                return
             if time.monotonic() - self._first_at < DUPLICATE_WINDOW_S:
                 return
             _say(f"{WHO}second stop signal ({signal.Signals(signum).name}): exiting now")

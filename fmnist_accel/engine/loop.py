@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,7 @@ class EpochResult:
     progress: EpochProgress
     stop: str | None = None  # None, STOP_SIGNAL or STOP_NONFINITE
     nonfinite_ranks: list[int] = field(default_factory=list)
+    signum: int = 0  # STOP_SIGNAL: which signal (StopCheck.signum)
 
 
 @dataclass
@@ -144,7 +146,7 @@ def train_one_epoch(
     grad_clip_norm: float = 0.0,
     step_scheduler=None,
     ema: WeightEMA | None = None,
-    stop_requested: Callable[[], bool] = lambda: False,
+    stop_requested: Callable[[], int] = lambda: 0,
     on_step: Callable[[int, torch.Tensor, int], None] = lambda step, loss_sum, count: None,
     pace: CheckPace | None = None,
     fence: StepFence | None = None,
@@ -205,17 +207,15 @@ def train_one_epoch(
         # agree on the step, so they meet when the pace says.
         alone_and_stopped = accelerator.num_processes == 1 and stop_requested()
         if step >= next_check or step == steps or alone_and_stopped:
-            stop, bad_ranks, seconds_per_step = check_stop(
-                accelerator, stop_requested(), loss_sum, measured
-            )
-            pace.update(seconds_per_step)
+            check = check_stop(accelerator, stop_requested(), loss_sum, measured)
+            pace.update(check.seconds_per_step)
             now = time.perf_counter()  # after the reduce's synchronisation: the device is done
             measured = (now - measured_since[1]) / (step - measured_since[0])
             measured_since = (step, now)
             next_check = step + pace.every
-            if stop:
+            if check.reason:
                 progress = EpochProgress(step, loss_sum.item(), count, now - started)
-                return EpochResult(progress, stop, bad_ranks)
+                return EpochResult(progress, check.reason, check.nonfinite_ranks, check.signum)
     if fence is not None:
         with fence.lock:
             fence.arm(snapshot=False)  # nothing changes the state until the epoch is saved
@@ -223,13 +223,22 @@ def train_one_epoch(
     return EpochResult(EpochProgress(step, loss_sum.item(), count, seconds))
 
 
+class StopCheck(NamedTuple):
+    reason: str | None  # None, STOP_SIGNAL or STOP_NONFINITE
+    nonfinite_ranks: list[int]
+    seconds_per_step: float  # the ranks' mean, measured between their last two checks
+    signum: int = 0  # STOP_SIGNAL: the signal of the lowest rank that got one
+
+
 def check_stop(
-    accelerator, signalled: bool, loss_sum: torch.Tensor | None = None, seconds_per_step=0.0
-) -> tuple[str | None, list[int], float]:
-    """Collective: every rank must call it at the same step. Returns (reason, bad ranks, the
-    ranks' mean seconds per step). loss_sum None: only stop requests are checked (between
-    epochs, no loss is running). seconds_per_step: this rank's, measured between its last two
-    checks (0: not measured; the mean is then 0 too, on every rank alike)."""
+    accelerator, signalled: int, loss_sum: torch.Tensor | None = None, seconds_per_step=0.0
+) -> StopCheck:
+    """Collective: every rank must call it at the same step. signalled: the number of the stop
+    signal this rank got (0: none; True counts as 1). The ranks learn which signal stopped
+    them even where it reached one rank alone (a node's own shutdown, a signal sent by hand).
+    loss_sum None: only stop requests are checked (between epochs, no loss is running).
+    seconds_per_step: this rank's, measured between its last two checks (0: not measured; the
+    mean is then 0 too, on every rank alike)."""
     world = accelerator.num_processes
     flags = torch.zeros(2 * world + 2, device=accelerator.device, dtype=torch.float64)
     flags[accelerator.process_index] = float(signalled)
@@ -241,10 +250,11 @@ def check_stop(
     mean_seconds = flags[2 * world] / world if not flags[2 * world + 1] else 0.0
     nonfinite = [r for r in range(world) if flags[world + r]]
     if nonfinite:
-        return STOP_NONFINITE, nonfinite, mean_seconds
-    if any(flags[:world]):
-        return STOP_SIGNAL, [], mean_seconds
-    return None, [], mean_seconds
+        return StopCheck(STOP_NONFINITE, nonfinite, mean_seconds)
+    signals = [int(f) for f in flags[:world] if f]
+    if signals:
+        return StopCheck(STOP_SIGNAL, [], mean_seconds, signals[0])
+    return StopCheck(None, [], mean_seconds)
 
 
 def global_train_loss(progress: EpochProgress, accelerator) -> float:

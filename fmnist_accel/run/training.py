@@ -150,7 +150,7 @@ def run_training(
 ) -> int:
     reporter = Reporter(accelerator.is_main_process)
     plan = share_plan(accelerator, explicit)
-    if check_stop(accelerator, bool(stop_request))[0]:  # all ranks alike: before any write
+    if stop_request.adopt(check_stop(accelerator, stop_request.number).signum):  # before writes
         if plan.resume_state is None:
             outputs.discard_unused_run(accelerator, plan)
         reporter.print(f"stopped by {stop_request.name} before training began: nothing saved")
@@ -323,7 +323,7 @@ def train_epochs(s: Session, stop_request: StopRequest, program: str) -> RunEnd:
                 grad_clip_norm=cfg.grad_clip_norm,
                 step_scheduler=s.step_scheduler,
                 ema=s.ema,
-                stop_requested=lambda: bool(stop_request),
+                stop_requested=lambda: stop_request.number,
                 on_step=on_step,
                 pace=pace,
                 fence=fence,
@@ -334,6 +334,7 @@ def train_epochs(s: Session, stop_request: StopRequest, program: str) -> RunEnd:
                 detail = nonfinite_message(s.run_dir, epoch, ranks, "training loss")
                 return RunEnd(layout.DIVERGED, EXIT_DIVERGED, detail, epoch)
             if result.stop == STOP_SIGNAL:
+                stop_request.adopt(result.signum)  # where another rank's signal stopped this one
                 reporter.epoch_end(None, cfg.epochs)
                 with fence.lock if fence is not None else nullcontext():
                     if fence is not None:
@@ -366,9 +367,10 @@ def train_epochs(s: Session, stop_request: StopRequest, program: str) -> RunEnd:
             )
             return RunEnd(layout.EARLY_STOPPED, EXIT_OK, detail, epoch)
         # A signal that came during validation or saving: the state is already saved.
-        if epoch < cfg.epochs and check_stop(accelerator, bool(stop_request))[0]:
-            signal_name = stop_request.name or "a signal"
-            detail = f"stopped by {signal_name} after epoch {epoch}: resume with --resume"
+        if epoch < cfg.epochs and stop_request.adopt(
+            check_stop(accelerator, stop_request.number).signum
+        ):
+            detail = f"stopped by {stop_request.name} after epoch {epoch}: resume with --resume"
             return RunEnd(layout.PREEMPTED, EXIT_PREEMPTED, detail, epoch)
     return RunEnd(layout.COMPLETED, EXIT_OK, "", epoch)
 
