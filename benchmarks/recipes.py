@@ -5,8 +5,8 @@ and the high-accuracy targets.
     python benchmarks/recipes.py --data-dir ../shared/data --set high-accuracy \
         --mixed-precision bf16
     python benchmarks/recipes.py --data-dir ../shared/data --set high-accuracy-cpu
-    python benchmarks/recipes.py --data-dir ../shared/data --set time-to-accuracy \
-        --mixed-precision bf16        # the CPU targets; also draws time-to-accuracy.png
+    python benchmarks/recipes.py --data-dir ../shared/data --set time-to-accuracy
+        # the CPU targets, seeds 0, 1 and 2; also draws time-to-accuracy.png
 
 Each row is one `python -m fmnist_accel.train` process (its exact options are printed), then
 `fmnist-accel eval` of its best and last checkpoints (and of last with flip TTA). Times:
@@ -47,20 +47,19 @@ DEFAULT_CANDIDATES = {
 }
 
 
-# Time to accuracy on a small CPU: each new recipe with 2 seeds (per-epoch accuracy moves by
-# about +-0.5 points, so a headline is a mean), beside the current recipes given about the
-# same training time. name -> (options, targets: (test accuracy, within seconds), TTA used).
+# Time to accuracy on a small CPU: each recipe with every seed of --seeds (a user runs one
+# seed, so a target is met only when every seed meets it), beside the previous `fast`
+# recipe once. name -> (options, targets: (test accuracy, within seconds), TTA used).
 TIME_TO_ACCURACY = {
-    "fast": (["--recipe", "fast"], (0.93, 90), False),  # no flips trained: no flip TTA
-    "accurate": (["--recipe", "accurate"], (0.95, 300), True),
-    "accurate-long": (["--recipe", "accurate-long"], (0.955, 900), True),
-    "default-4-epochs": (["--epochs", "4"], (0.93, 90), False),
-    # the accurate recipe of the fourth session: resnet-m, 7 epochs (0.9482 then)
-    "resnet-m-7-epochs": (
-        ["--recipe", "accurate", "--model", "resnet-m", "--epochs", "7"],
-        (0.95, 300),
-        True,
-    ),
+    "fast": (["--recipe", "fast"], (0.935, 60), False),  # no flips trained: no flip TTA
+    "accurate": (["--recipe", "accurate"], (0.95, 180), True),
+    "accurate-long": (["--recipe", "accurate-long"], (0.96, 900), True),
+    # the fast recipe before the seventh session: resnet-s, 3 epochs
+    "resnet-s-3-epochs": (
+        ["--recipe", "fast", "--model", "resnet-s", "--epochs", "3"],
+        (0.935, 60),
+        False,
+    ),  # fmt: skip
 }
 NEW_RECIPES = ("fast", "accurate", "accurate-long")
 
@@ -70,7 +69,21 @@ def hardware() -> str:
         return torch.cuda.get_device_name(0)
     import platform
 
-    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    # The model name and whether it has bf16 instructions: the recipes' speed depends on both
+    # (an AMD EPYC without AMX took 2.3 times as long per epoch as an Intel Xeon with it).
+    model, flags = "", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not model:
+                model = value.strip() + ", "
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    bf16 = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return (f"CPU ({model}{platform.machine()}, {torch.get_num_threads()} threads"
+            f"{', ' + bf16[0] if bf16 else ''})")  # fmt: skip
 
 
 def run_recipe(name: str, options: list[str], data_dir: str, workdir: Path) -> dict:
@@ -83,6 +96,8 @@ def run_recipe(name: str, options: list[str], data_dir: str, workdir: Path) -> d
         "name": name,
         "command": "fmnist-accel train " + " ".join(options),
         "hardware": hardware(),
+        # the recipes pick bf16 or fp32 themselves on a CPU: what the run used
+        "precision": {"no": "fp32"}.get(summary["mixed_precision"], summary["mixed_precision"]),
         "status": summary["status"],
         "epochs": len(records),
         "training_seconds": records[-1]["elapsed"],
@@ -152,23 +167,22 @@ def time_to_accuracy_rows(data_dir: str, workdir: Path, common: list[str], seeds
 
 def headline(rows: list[dict]) -> str:
     """Per recipe: each seed's test accuracy (with TTA where its flips allow) and training
-    time, their mean, and the target."""
-    lines = ["| recipe | seeds: test accuracy (training time) | mean | target | met |",
+    time, the worst seed, and the target: met only if every seed meets it."""
+    lines = ["| recipe | seeds: test accuracy (training time) | worst seed | target | met |",
              "| --- | --- | ---: | --- | --- |"]  # fmt: skip
     for name, (_, (target, seconds), tta) in TIME_TO_ACCURACY.items():
         runs = [r for r in rows if r["recipe"] == name]
         if not runs:
             continue
         key = "last_tta_test_accuracy" if tta else "last_test_accuracy"
-        accuracies = [r[key] for r in runs]
-        mean = sum(accuracies) / len(accuracies)
+        worst = min(r[key] for r in runs)
         slowest = max(r["training_seconds"] for r in runs)
         seeds = ", ".join(
             f"seed {r['seed']}: {r[key]:.4f} ({r['training_seconds']:.0f} s)" for r in runs
         )
-        met = "yes" if mean >= target and slowest <= seconds else "no"
+        met = "yes" if worst >= target and slowest <= seconds else "no"
         lines.append(
-            f"| {name}{' (flip TTA)' if tta else ''} | {seeds} | {mean:.4f} | "
+            f"| {name}{' (flip TTA)' if tta else ''} | {seeds} | {worst:.4f}, {slowest:.0f} s | "
             f">= {target} within {seconds} s | {met} |"
         )
     return "\n".join(lines) + "\n"
@@ -183,20 +197,21 @@ def draw_curves(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (by_time, by_epoch) = plt.subplots(1, 2, figsize=(13, 5.2), sharey=True)
-    colours = dict(zip(TIME_TO_ACCURACY, ("C0", "C1", "C2", "C7", "C3"), strict=True))
+    colours = dict(zip(TIME_TO_ACCURACY, ("C0", "C1", "C2", "C7"), strict=True))
+    seeds = sorted({r["seed"] for r in rows})
     for r in rows:
         epochs, seconds, accuracy = zip(*r["curve"], strict=True)
         label = f"{r['recipe']} (seed {r['seed']})"
         style = dict(color=colours[r["recipe"]], marker="o", markersize=3,
-                     linestyle="-" if r["seed"] == rows[0]["seed"] else "--")  # fmt: skip
+                     linestyle=("-", "--", ":", "-.")[seeds.index(r["seed"]) % 4])  # fmt: skip
         by_time.plot(seconds, accuracy, label=label, **style)
         by_epoch.plot(epochs, accuracy, label=label, **style)
     for ax in (by_time, by_epoch):
-        for target in (0.93, 0.95, 0.955):
+        for target in sorted({t for _, (t, _), _ in TIME_TO_ACCURACY.values()}):
             ax.axhline(target, color="grey", linewidth=0.8, linestyle=":")
         ax.grid(alpha=0.3)
-        ax.set_ylim(0.80, 0.965)
-    for budget in (90, 300, 900):
+        ax.set_ylim(0.85, 0.97)
+    for budget in sorted({s for _, (_, s), _ in TIME_TO_ACCURACY.values()}):
         by_time.axvline(budget, color="grey", linewidth=0.8, linestyle=":")
     by_time.set_xlabel("training seconds (the run's elapsed: no start-up, no test passes)")
     by_epoch.set_xlabel("epoch")
@@ -241,7 +256,7 @@ def main() -> None:
     parser.add_argument("--mixed-precision", default=None, choices=["no", "fp16", "bf16"])
     parser.add_argument("--epochs", default=None, help="high-accuracy-cpu: epochs of the run")
     parser.add_argument("--out", default="benchmarks/out")
-    parser.add_argument("--seeds", default="0,1", help="time-to-accuracy: the new recipes' seeds")
+    parser.add_argument("--seeds", default="0,1,2", help="time-to-accuracy: the recipes' seeds")
     parser.add_argument("--png", default="benchmarks/time-to-accuracy.png",
                         help="time-to-accuracy: where the curves go")  # fmt: skip
     parser.add_argument("--from-json", default=None,
@@ -280,8 +295,6 @@ def main() -> None:
                     f"--only: no rows named {sorted(unknown)}; choose from {list(TIME_TO_ACCURACY)}"
                 )
             rows = time_to_accuracy_rows(args.data_dir, workdir, common, seeds, args.quick, only)
-            for row in rows:
-                row["precision"] = args.mixed_precision or "fp32"
         else:
             # The 10-minute CPU figure: the recipe with validation kept, as many epochs as fit.
             options = ["--recipe", "high-accuracy", "--epochs", args.epochs or "8", *common]
