@@ -83,8 +83,8 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 # Recipes that pick their precision on a CPU (run/training.py, cluster/accelerator.
-# cpu_precision): bf16
-# where the CPU has bf16 instructions (AVX512-BF16 or AMX), 1.2 to 1.5 times fp32's images/s
-# there (benchmarks/RESULTS.md); fp32 elsewhere, where bf16 is emulated and slower. A
-# --mixed-precision of the user's or the launcher's wins.
+# cpu_precision): bf16 where the CPU has bf16 instructions (AVX512-BF16 or AMX), 1.2 to 2
+# times fp32's images/s there (benchmarks/RESULTS.md); fp32 elsewhere, where bf16 is emulated
+# and slower. The user's --mixed-precision wins, and a launcher's fp16 or bf16; a launcher's
+# "no" does not, since `accelerate launch` passes it whenever nobody chose.
 CPU_PRECISION_RECIPES = ("fast", "accurate", "accurate-long")

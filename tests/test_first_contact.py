@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 from support.fakedata import TINY_RUN_ARGS
-from support.processes import CLI, HARNESS, process_env, run_command
+from support.processes import BIN, CLI, HARNESS, process_env, run_command
 
 from fmnist_accel.cluster import restarts
 
 REPO = Path(__file__).resolve().parents[1]
+ONE_PROCESS = REPO / "launch_configs" / "one_process.yaml"
 
 
 def test_a_resumed_run_keeps_its_own_precision_and_says_so(readonly_data, tmp_path):
@@ -131,7 +132,9 @@ def test_every_figure_the_readme_repeats_agrees_with_its_table():
         ("fpu avx512f avx512_bf16", "accurate-long", None, None, "bf16"),
         ("fpu avx2", "accurate", None, None, "no"),
         ("fpu avx2 amx_bf16", "fast", "no", None, None),  # the user's choice wins
-        ("fpu avx2 amx_bf16", "fast", None, "no", None),  # so does the launcher's
+        ("fpu avx2 amx_bf16", "fast", None, "fp16", None),  # so does the launcher's
+        # ... but not its "no", which accelerate launch passes when nobody chose
+        ("fpu avx2 amx_bf16", "fast", None, "no", "bf16"),
         ("fpu avx2 amx_bf16", "default", None, None, None),  # only the CPU speed recipes
     ],
 )
@@ -168,6 +171,16 @@ def test_the_hardware_lines_say_which_precision_and_why(readonly_data, tmp_path)
     assert "precision: fp32 chosen by --recipe fast: this CPU has no bf16 instructions" in (
         plain.stdout
     )
+    # The README's main command: accelerate launch passes its config's "no", nobody's choice
+    amx = process_env(FMNIST_ACCEL_CPU_FLAGS="fpu avx2 amx_bf16")
+    launched = run_command(
+        [BIN / "accelerate", "launch", "-q", "--config_file", ONE_PROCESS,
+         "-m", "fmnist_accel.train", *base],
+        tmp_path, env=amx,
+    )  # fmt: skip
+    assert launched.rc == 0, str(launched)
+    assert "precision: bf16 chosen by --recipe fast: this CPU has amx_bf16" in launched.stdout
+    assert "; bf16 mixed precision" in launched.stdout, launched.stdout
     forced = run_command([CLI, "train", *base, "--mixed-precision", "bf16"], tmp_path, env=env)
     assert forced.rc == 0, str(forced)
     notes = [line for line in forced.stdout.splitlines() if "bf16 is emulated" in line]

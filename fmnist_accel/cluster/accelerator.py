@@ -357,11 +357,19 @@ def bf16_instructions() -> str | None:
     return next((flag for flag in BF16_CPU_FLAGS if flag in flags), None)
 
 
+def launcher_chose_precision() -> bool:
+    """True when a launcher asked for fp16 or bf16. `accelerate launch` always passes its
+    config's mixed_precision, "no" where nobody chose one (its default, and the README's
+    one_process.yaml), so a launcher's "no" is not taken as a choice: `--mixed-precision no`
+    to the training keeps fp32."""
+    return os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower() not in ("", "no")
+
+
 def cpu_precision(explicit_precision: str | None) -> tuple[str, str] | None:
     """(precision, why) on a CPU where neither the user (--mixed-precision) nor a launcher
-    (ACCELERATE_MIXED_PRECISION) chose one: bf16 where the CPU has bf16 instructions, else
+    (launcher_chose_precision) chose one: bf16 where the CPU has bf16 instructions, else
     fp32. None on a GPU, or when the choice was made."""
-    if explicit_precision is not None or os.environ.get("ACCELERATE_MIXED_PRECISION"):
+    if explicit_precision is not None or launcher_chose_precision():
         return None
     if not wants_cpu():
         return None

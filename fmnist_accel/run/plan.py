@@ -223,12 +223,15 @@ def find_resume_dir(cfg: TrainConfig, output_dir: Path, explicit: dict[str, Any]
 
 def resumed_precision(cfg: TrainConfig, explicit: dict[str, Any]) -> str | None:
     """The mixed precision of the run this launch resumes, when neither the user
-    (--mixed-precision) nor a launcher (ACCELERATE_MIXED_PRECISION) chose one: a resumed
-    run keeps its own. Read-only, on every rank, before the Accelerator is built (it fixes
-    the precision): config.json of the run find_resume_dir picks. None otherwise."""
+    (--mixed-precision) nor a launcher (cluster/accelerator.launcher_chose_precision) chose
+    one: a resumed run keeps its own. Read-only, on every rank, before the Accelerator is
+    built (it fixes the precision): config.json of the run find_resume_dir picks. None
+    otherwise."""
     if cfg.resume is None or explicit.get("mixed_precision") is not None:
         return None
-    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+    from ..cluster.accelerator import launcher_chose_precision
+
+    if launcher_chose_precision():
         return None
     try:
         path = find_resume_dir(cfg, Path(cfg.output_dir), explicit)
