@@ -120,3 +120,20 @@ def test_plot_bad_input_is_one_line_and_keeps_the_old_picture(tiny_run, tmp_path
     missing_save = run_command([CLI, "plot", str(tiny_run.run_dir)], cwd=tmp_path)
     assert_one_line_error(missing_save, "--save")
     assert target.read_bytes() == b"an older picture"
+
+
+def test_a_run_without_validation_shows_its_final_test_or_says_why_not():
+    """The time-to-accuracy recipes train without validation: their accuracy panel shows the
+    final test at the last epoch (a diamond), or a line saying why it is empty."""
+    records = [{"epoch": e, "train_loss": 1 / e, "lr": 0.1} for e in (1, 2, 3, 4)]
+    tested = RunInfo(name="fast", path="fast", status="completed", records=records,
+                     test_accuracy=0.9413, test_accuracy_from="final_test")  # fmt: skip
+    _, acc_ax, _, _ = curves.curves_figure([tested]).axes
+    marks = [(line.get_xdata()[0], line.get_ydata()[0]) for line in acc_ax.lines
+             if line.get_marker() == "D"]  # fmt: skip
+    assert marks == [(4, 0.9413)] and not acc_ax.texts
+    assert acc_ax.get_xlim()[0] < 1 and acc_ax.get_xlim()[1] > 4  # every epoch, not one point
+    untested = RunInfo(name="stopped", path="stopped", status="preempted", records=records)
+    _, acc_ax, _, _ = curves.curves_figure([untested]).axes
+    assert not any(len(line.get_xdata()) for line in acc_ax.lines)
+    assert [t.get_text().split(":")[0] for t in acc_ax.texts] == ["no accuracy recorded"]

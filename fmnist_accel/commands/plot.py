@@ -2,7 +2,8 @@
 metrics.jsonl, without a TensorBoard server (a login node often has no port forwarding).
 
 Four panels against the epoch: training and validation loss; validation accuracy (and test
-accuracy where --test-every-epoch logged it) with the best epoch starred; the learning rate
+accuracy where --test-every-epoch logged it) with the best epoch starred and the final test
+marked; the learning rate
 on a log scale with its drops marked; a key. One colour per run.
 """
 
@@ -105,6 +106,12 @@ def curves_figure(runs: list[RunInfo]):
         best = best_point(info)
         if best:
             acc_ax.plot(*best, marker="*", markersize=16, color=colour, markeredgecolor="black")
+        # The final test (summary.json) of the best checkpoint, at its epoch, or of the last
+        # one without validation: the one accuracy the time-to-accuracy recipes have to show.
+        if records and info.test_accuracy_from == "final_test":
+            epoch = info.best_epoch or records[-1]["epoch"]
+            acc_ax.plot(epoch, info.test_accuracy, marker="D", markersize=8, color=colour,
+                        markeredgecolor="black")  # fmt: skip
         # A plateau schedule holds one rate per epoch (steps); a per-step schedule changes it
         # every step and is sampled at each epoch's end (a line through the samples).
         per_epoch = info.config.get("scheduler", "plateau") in ("plateau", "none")
@@ -127,9 +134,16 @@ def curves_figure(runs: list[RunInfo]):
     )
     loss_ax.set_ylabel("cross-entropy")
     acc_ax.set_title(
-        "accuracy: validation (dots), test (dotted line); \u2605 best epoch", fontsize=10
+        "accuracy: validation (dots), test (dotted line);\n\u2605 best epoch, \u25c6 final test",
+        fontsize=10,
     )
     acc_ax.set_ylabel("accuracy")
+    if not any(len(line.get_xdata()) for line in acc_ax.lines):  # say why, not empty axes
+        acc_ax.text(0.5, 0.5, "no accuracy recorded: trained without validation\n"
+                    "(--test-every-epoch adds a test curve)", ha="center", va="center",
+                    transform=acc_ax.transAxes, fontsize=9, color="0.4")  # fmt: skip
+        acc_ax.set_yticks([])
+    acc_ax.set_xlim(loss_ax.get_xlim())  # the same epochs as the loss, also for a lone point
     lr_ax.set_title(
         "learning rate (log scale; per-step schedules at each epoch's end);\n"
         "\u25bc a drop, also dotted in the panels above",
