@@ -138,8 +138,9 @@ def test_two_node_time_limit_warns_saves_on_both_nodes_requeues_and_completes(
     options = ["--epochs", str(epochs), "--batch-size", "8", "--data-dir", str(data)]
     job = submit(cluster, tmp_path, *options, sbatch=("--time=2", "--signal=B:USR1@60"),
                  WARNING_LEAD="60", START_MARGIN="0", MAX_REQUEUES="10")  # fmt: skip
-    restarts = 0
+    restarts, deadline = 0, time.monotonic() + 600
     while (info := job.info())["JobState"] not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+        assert time.monotonic() < deadline, job.report()
         if info["JobState"] == "PENDING" and int(info["Restarts"]) > restarts:
             restarts = int(info["Restarts"])
             job.start_requeued_now(restarts)
@@ -149,12 +150,15 @@ def test_two_node_time_limit_warns_saves_on_both_nodes_requeues_and_completes(
     assert int(info["Restarts"]) >= 1, job.report()
     assert job.epochs() == list(range(1, epochs + 1)), job.report()  # each epoch once
     log = job.log_text()
+    # Every start but the last was warned, saved on both nodes and requeued itself; the last
+    # may be warned too, in its last epoch, and complete all the same.
+    requeues = log.count(f"requeueing {job.ref} (warning requeue ")
     warnings = log.count("SIGUSR1 (time limit near, or scancel --signal=USR1)")
-    assert warnings == int(info["Restarts"]), log
-    for rank in (0, 1):  # every warning reached both nodes
+    assert requeues == int(info["Restarts"]) and warnings in (requeues, requeues + 1), log
+    for rank in (0, 1):  # the warnings reached both nodes
         stops = f"machine {rank} (node{rank}): stop requested by the batch script"
-        assert log.count(stops) == warnings, log
-    assert log.count("this start saved new state; run status: preempted") == warnings, log
+        assert log.count(stops) >= requeues, log
+    assert log.count("this start saved new state; run status: preempted") == requeues, log
     assert f"requeueing {job.ref} (warning requeue 1 of at most 10)" in log, log
     assert "job exit code 0: the run has ended" in log, log
     stamps = re.findall(r"\[(\S+ \S+) job \S+\] (==== start 1 |SIGUSR1 \(time limit)", log)
@@ -274,5 +278,8 @@ def test_one_nodes_sigterm_well_before_the_others_saves_on_both(cluster, hosts, 
     )
     log = job.log_text()
     assert "job exit code 75: stopped with its state saved" in log, log
-    assert "requeueing" not in log and "Traceback" not in log, log
+    assert "requeueing" not in log, log
+    # None of ours: torchrun itself may print a traceback when the launcher holding the
+    # rendezvous store exits before the other (its shutdown finds the store gone).
+    assert not re.search(r'File "[^"]*fmnist_accel/', log), log
     assert not training_on(hosts, 0) and not training_on(hosts, 1)
