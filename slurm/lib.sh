@@ -48,12 +48,20 @@ on_stop_signal() {
     else
         log "SIGTERM (cancelled, preempted or out of time): stopping the training; no requeue"
     fi
-    if [[ -n $CHILD ]]; then
-        kill -USR2 "$CHILD" 2>/dev/null
-    fi
+    forward_stop
 }
 trap 'on_stop_signal USR1' USR1
 trap 'on_stop_signal TERM' TERM
+
+# The request goes to the step again every 2 s until the step has ended: srun drops a signal
+# that comes before its tasks have started (a warning right at the start, a slow srun), and
+# node_main counts every copy as the one request.
+FORWARDER=""
+forward_stop() {
+    [[ -n $STOP && -n $CHILD && -z $FORWARDER ]] || return 0
+    (while kill -USR2 "$CHILD" 2>/dev/null; do sleep 2; done) &
+    FORWARDER=$!
+}
 
 wait_for_child() { # until CHILD has exited, whatever traps run meanwhile; sets CHILD_RC
     local rc
@@ -365,7 +373,9 @@ run_and_wait() { # CMD...: the training (or srun) in the background, waited for
     fi
     "$@" &
     CHILD=$!
+    forward_stop # a signal that came between the start and the line above
     wait_for_child
+    if [[ -n $FORWARDER ]]; then kill "$FORWARDER" 2>/dev/null; fi
 }
 
 end_job() { # requeue or not, then exit with a code that says what happened
@@ -546,7 +556,7 @@ head_address() { # this node's address for the others: SLURM's NodeAddr for it, 
 }
 
 # node_main runs on every machine (one srun task each), in a new bash that gets this
-# function's text: the batch shell's environment (srun --export=ALL) carries the FMNIST_*
+# function's text (node_script): the batch shell's environment (srun --export=ALL) carries the FMNIST_*
 # values. It sources SETUP_FILE (several nodes), starts the machine's launcher, or the one
 # training process, and passes stop requests on to the training processes themselves:
 #   - SIGUSR2: the batch shell's request (the warning, or a signal sent to the batch shell).
@@ -607,7 +617,7 @@ print(s.getsockname()[0])' "$FMNIST_HEAD_ADDR" 2>/dev/null) && export PET_LOCAL_
     export FMNIST_ACCEL_STOP_FILE=${TMPDIR:-/tmp}/fmnist-accel-stop-$SLURM_JOB_ID.${SLURM_STEP_ID:-0}.$rank
     rm -f "$FMNIST_ACCEL_STOP_FILE"
     trap 'rm -f "$FMNIST_ACCEL_STOP_FILE"' EXIT
-    STOP=""
+    STOP="" CHILD=""
     # shellcheck disable=SC2329  # called by the traps below
     node_stop() {
         SIGNALLED=1
@@ -621,6 +631,7 @@ print(s.getsockname()[0])' "$FMNIST_HEAD_ADDR" 2>/dev/null) && export PET_LOCAL_
             node_log "SIG$1 (scancel, preemption or time limit): SIG$1 to the training"
         fi
         echo "SIG$sig" >"$FMNIST_ACCEL_STOP_FILE"
+        [[ -n $CHILD ]] || return 0 # before the training starts: the file is enough
         # Once to each process of the training (whatever wraps it: a PYTHON that is a script,
         # a container): the descendants of this shell's child that run fmnist_accel. The
         # launcher is one of them, and ignores it.
@@ -640,6 +651,9 @@ print(s.getsockname()[0])' "$FMNIST_HEAD_ADDR" 2>/dev/null) && export PET_LOCAL_
         # shellcheck disable=SC2064  # the name now
         trap "node_stop $signal_name" "$signal_name"
     done
+    # A request that came before these traps (while bash started, or SETUP_FILE ran: see
+    # node_script) is acted on now.
+    if [[ -n ${NODE_PENDING:-} ]]; then node_stop "$NODE_PENDING"; fi
     (
         trap '' USR2
         if [[ -n $launcher ]]; then
@@ -654,6 +668,15 @@ print(s.getsockname()[0])' "$FMNIST_HEAD_ADDR" 2>/dev/null) && export PET_LOCAL_
     wait_for_child
     [[ -n $STOP ]] && exit 0
     exit "$CHILD_RC"
+}
+
+node_script() { # what each srun task's bash runs: node_main, with stop requests kept from its start
+    # SIGUSR2's default action would end the shell, and the step with it, if the request came
+    # before node_main's traps: it is kept until node_main can act on it.
+    echo 'NODE_PENDING=""'
+    echo 'for s in TERM USR1 INT HUP USR2; do trap "NODE_PENDING=\${NODE_PENDING:-$s}" "$s"; done'
+    declare -f node_main wait_for_child
+    echo 'node_main "$@"'
 }
 
 train_on_nodes() { # TRAINING_OPTIONS...: the training as one srun step, then end_job
@@ -716,7 +739,6 @@ train_on_nodes() { # TRAINING_OPTIONS...: the training as one srun step, then en
         "torchrun restarts a failed group up to $MAX_RESTARTS times"
     ((FMNIST_PROCESSES_TOTAL > 1)) && port_note
     log "command: ${srun[*]} bash -c node_main ${train[*]}"
-    run_and_wait "${srun[@]}" bash -c "$(declare -f node_main wait_for_child)
-node_main \"\$@\"" node "${train[@]}"
+    run_and_wait "${srun[@]}" bash -c "$(node_script)" node "${train[@]}"
     end_job
 }

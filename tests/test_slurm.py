@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -236,6 +237,18 @@ def slow_python(tmp_path: Path) -> Path:
     )
     wrapper.chmod(0o755)
     return wrapper
+
+
+def slow_srun_path(tmp_path: Path) -> str:
+    """A PATH whose `srun` starts its step 3 s late and drops the signals that come meanwhile,
+    as srun drops those that come before its step has started."""
+    bin_dir = tmp_path / "slow-srun"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(
+        f"#!/bin/bash\ntrap '' USR1 USR2\nsleep 3\nexec {shutil.which('srun')} \"$@\"\n"
+    )
+    (bin_dir / "srun").chmod(0o755)
+    return f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,7 +529,9 @@ def test_start_that_saves_nothing_is_not_requeued(cluster, data, tmp_path):
     assert first.summary()["status"] == "preempted"
     assert "job exit code 75: stopped with its state saved" in first.log_text()
 
-    # The same run again, with a launcher too slow to start before the warning.
+    # The same run again, with a launcher too slow to start before the warning, which comes
+    # before srun has started its step: the batch script sends the request again until the
+    # step has it (once, it was lost and the run trained to its end).
     second = Job.submit(
         cluster,
         tmp_path,
@@ -525,6 +540,7 @@ def test_start_that_saves_nothing_is_not_requeued(cluster, data, tmp_path):
         *options,
         RUN_NAME="no-progress",
         PYTHON=str(slow_python(tmp_path)),
+        PATH=slow_srun_path(tmp_path),
         MAX_STARTS_WITHOUT_PROGRESS="1",
     )
     second.wait_for_log("command: ")
@@ -536,6 +552,7 @@ def test_start_that_saves_nothing_is_not_requeued(cluster, data, tmp_path):
     assert info["Restarts"] == "0" and info["JobState"] == "FAILED", second.report()
     assert info["ExitCode"] == "79:0", second.report()  # stopped by SIGUSR1 unsaved
     log = second.log_text()
+    assert "stop requested by the batch script" in log, log
     assert "not requeued: 1 starts in a row saved no new state" in log, log
     assert "requeueing" not in log, log
     assert second.completion_states() == ["FAILED"]
@@ -864,6 +881,44 @@ def test_array_task_requeues_only_itself(tmp_path):
     assert result.returncode == 75, result.stdout + result.stderr
     assert [c for c in scontrol_calls(tmp_path) if c.startswith("requeue")] == ["requeue 40_3"]
     assert "update JobId=40_3 Comment=fmnist:time=1,idle=0" in scontrol_calls(tmp_path)
+
+
+def test_machine_shell_keeps_a_request_that_comes_during_its_set_up(tmp_path):
+    """srun's task (node_main's bash) signalled while SETUP_FILE still runs: the shell, which
+    SIGUSR2 would end by default, keeps the request and hands it to the training it starts."""
+    node_script = run_lib(tmp_path, "node_script").stdout
+    ready = tmp_path / "setup-running"
+    setup = tmp_path / "setup.sh"
+    setup.write_text(f"touch {ready}\nsleep 2\n")
+    training = tmp_path / "python"  # stands for PYTHON: says what the stop file asks
+    training.write_text(
+        '#!/bin/bash\necho "training started; stop file: $(cat $FMNIST_ACCEL_STOP_FILE)"\n'
+    )
+    training.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))} | {
+        "SLURM_PROCID": "0",
+        "SLURM_JOB_ID": "41",
+        "TMPDIR": str(tmp_path),
+        "FMNIST_MACHINES": "1",
+        "FMNIST_PROCESSES_TOTAL": "1",
+        "FMNIST_PYTHON": str(training),
+        "FMNIST_NODE_SETUP": str(setup),
+    }
+    shell = subprocess.Popen(
+        ["bash", "-c", node_script, "node", "-m", "fmnist_accel.train"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    shell.send_signal(signal.SIGUSR2)  # the batch script's request
+    out, _ = shell.communicate(timeout=30)
+    assert shell.returncode == 0, out
+    assert "stop requested by the batch script: SIGTERM to the training" in out, out
+    assert "training started; stop file: SIGTERM" in out, out
 
 
 @pytest.mark.parametrize(

@@ -86,6 +86,18 @@ def training_on(hosts: Hosts, host_index: int) -> list[int]:
     return found
 
 
+def completes_after_one_requeue(job: Job, epochs: int) -> str:
+    """Starts the requeued job now; it must complete in that second start with every epoch
+    once in metrics.jsonl. Returns its log."""
+    job.start_requeued_now()
+    info = job.wait()
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), (
+        job.report()
+    )
+    assert job.epochs() == list(range(1, epochs + 1)), job.report()  # each epoch once
+    return job.log_text()
+
+
 def test_two_node_job_trains_as_one_group_requeues_on_the_warning_and_completes(
     cluster, hosts, data, tmp_path
 ):
@@ -97,13 +109,7 @@ def test_two_node_job_trains_as_one_group_requeues_on_the_warning_and_completes(
     assert [len(training_on(hosts, i)) for i in (0, 1)] == [1, 1], job.report()
     assert job.epochs() != list(range(1, epochs + 1)), "the run ended before the signal"
     job.signal("USR1")
-    job.start_requeued_now()
-    info = job.wait()
-    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), (
-        job.report()
-    )
-    assert job.epochs() == list(range(1, epochs + 1)), job.report()  # each epoch once
-    log = job.log_text()
+    log = completes_after_one_requeue(job, epochs)
     assert epoch_lines(log, epochs) == list(range(1, epochs + 1)), log
     summary = job.summary()
     assert summary["status"] == "completed" and summary["world_size"] == 2, summary
@@ -223,13 +229,7 @@ def test_two_node_network_cut_requeues_and_the_next_start_completes(cluster, hos
     print(f"network cut: both nodes' training ended {ended_s:.1f} s after the cut")
     assert ended_s < timeout + 30, job.report()
     assert len(job.epochs()) < epochs, "the run ended before the cut"
-    job.start_requeued_now()
-    info = job.wait()
-    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), (
-        job.report()
-    )
-    assert job.epochs() == list(range(1, epochs + 1)), job.report()  # each epoch once
-    log = job.log_text()
+    log = completes_after_one_requeue(job, epochs)
     assert f"no answer from the other processes for {timeout} s (the collective timeout" in log, log
     assert f"requeueing {job.ref} after a failure between processes (exit code 4" in log, log
     assert "==== start 2 (warning requeues 0 of at most 3; other requeues 1," in log, log
