@@ -557,8 +557,8 @@ head_address() { # this node's address for the others: SLURM's NodeAddr for it, 
 
 # node_main runs on every machine (one srun task each), in a new bash that gets this
 # function's text (node_script): the batch shell's environment (srun --export=ALL) carries
-# the FMNIST_* values. It sources SETUP_FILE (several nodes), starts the machine's launcher, or the one
-# training process, and passes stop requests on to the training processes themselves:
+# the FMNIST_* values. It sources SETUP_FILE (several nodes), starts the machine's launcher,
+# or the one training process, and passes stop requests on to the training processes themselves:
 #   - SIGUSR2: the batch shell's request (the warning, or a signal sent to the batch shell).
 #     SLURM passes a signal sent to srun to every process of the step; only this shell acts
 #     on it (the launcher and its processes are started with SIGUSR2 ignored). It becomes one
