@@ -50,9 +50,10 @@ class TrainConfig:
         "Named set of defaults: 'default' is the seed's recipe (Adam, ReduceLROnPlateau, early "
         "stopping) in large batches; 'high-accuracy' is a ResNet-9 with on-device crop/flip, "
         "label smoothing, SGD+OneCycle; 'fast', 'accurate' and 'accurate-long' are fixed "
-        "schedules sized for 0.93 in 90 s, 0.95 in 5 minutes and 0.955 in 15 minutes of "
-        "training on a 2-core CPU in bf16 (resnet-s, airbench-s, airbench-m; all 60k images "
-        "trained on, no validation). Options you give override the recipe.",
+        "schedules aimed at 0.935 in 60 s, 0.95 in 3 minutes and 0.96 in 15 minutes of "
+        "training on a 2-core CPU (airbench-s, airbench-s, airbench-m; all 60k images trained "
+        "on, no validation; benchmarks/RESULTS.md has what each reaches). Options you give "
+        "override the recipe.",
         choices=tuple(RECIPES),
     )
     model: str = option(
@@ -153,6 +154,14 @@ class TrainConfig:
         "padded with zeros); 0 keeps the flips only, which suits short runs.",
         min=0,
         max=14,
+    )
+    random_erasing: float = option(
+        0.0,
+        "The chance that a training image gets a random rectangle (2 to 40% of its area, "
+        "from 1:3 to 3:1) set to the mean pixel (random erasing, Zhong et al. 2017): a "
+        "regulariser for long runs; 0 turns it off.",
+        min=0,
+        max=1,
     )
     ema_decay: float = option(
         0.0,

@@ -17,6 +17,7 @@ from fmnist_accel.engine.device_data import (
     TrainStream,
     augment,
     epoch_indices,
+    erase,
     seeded_generator,
 )
 from fmnist_accel.engine.evaluation import evaluate
@@ -110,6 +111,48 @@ def test_an_epoch_with_crop_padding_0_holds_each_image_or_its_mirror():
     same = [b.equal(a) for a, b in pairs]
     assert all(m or s for m, s in zip(mirrored, same, strict=True))
     assert 60 < sum(mirrored) < 140  # about half of the 200
+
+
+def test_random_erasing_blanks_one_rectangle_in_about_that_share_of_images():
+    """Each erased image differs from its source in one axis-aligned rectangle set to 0 (the
+    mean pixel), of 2 to 40% of its area; the others are untouched; the draws follow the
+    seed, and the flips and shifts stay those of the same epoch without erasing."""
+    raw_images, labels = fake_split(400, seed=4)
+    split = Split(raw_images, labels.long())
+    kwargs = dict(seed=7, augment=True, channels_last=False)
+    plain = TrainStream(split, torch.device("cpu"), 16, 1, 0, **kwargs)
+    erased = TrainStream(split, torch.device("cpu"), 16, 1, 0, random_erasing=0.5, **kwargs)
+    x_plain, y_plain = plain.epoch(2)
+    x_erased, y_erased = erased.epoch(2)
+    assert y_erased.equal(y_plain)
+    changed = 0
+    for a, b in zip(x_plain[:, 0], x_erased[:, 0], strict=True):
+        differs = a != b
+        if not differs.any():
+            continue
+        changed += 1
+        rows = differs.any(1).nonzero().flatten()
+        cols = differs.any(0).nonzero().flatten()
+        box = b[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        # within the rectangle every pixel is 0 (some were 0 already: fake images have them)
+        assert (box == 0).all()
+        assert (b != a).sum() <= box.numel() <= 0.4 * 28 * 28 + 28
+    assert 150 < changed < 250  # about half of the 400
+    assert erased.epoch(2)[0].equal(x_erased)  # a function of (seed, epoch, rank)
+    assert not erased.epoch(3)[0].equal(x_erased)
+
+
+def test_random_erasing_areas_and_shapes_follow_the_paper():
+    x = torch.ones(4000, 1, 28, 28)
+    blanks = erase(x, seeded_generator(1, 2, 3), 1.0)[:, 0] == 0
+    share = blanks.flatten(1).float().mean(1)
+    assert (share > 0).all()  # probability 1: every image
+    assert share.min() > 0.015 and share.max() < 0.45
+    assert 0.18 < share.mean() < 0.24  # about (0.02 + 0.4) / 2, less where clipped
+    heights = blanks.any(2).sum(1).float()
+    widths = blanks.any(1).sum(1).float()
+    assert (heights > widths).any() and (widths > heights).any()
+    assert erase(x, seeded_generator(1, 2, 3), 0.0).equal(x)
 
 
 def test_a_last_batch_of_one_image_is_left_out():

@@ -17,6 +17,8 @@ a run resumes mid-epoch.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -74,6 +76,33 @@ def augment(
     return torch.where(flips[:, None, None], cropped.flip(-1), cropped)
 
 
+# Random erasing's rectangles, as Zhong et al. (2017) draw them: an area of 2 to 40% of the
+# image, an aspect ratio from 0.3 to 1/0.3 (uniform in its logarithm).
+ERASE_AREA = (0.02, 0.4)
+ERASE_ASPECT = 0.3
+
+
+def erase(x: torch.Tensor, generator: torch.Generator, probability: float) -> torch.Tensor:
+    """Random erasing: each image, with `probability`, gets one random rectangle set to 0, the
+    mean pixel once normalised. x: normalised (N, 1, H, W); the draws come from `generator`
+    (CPU), all of them whatever `probability` is, so they do not depend on the device."""
+    n, _, h, w = x.shape
+    chosen = torch.rand(n, generator=generator) < probability
+    area = torch.empty(n).uniform_(*ERASE_AREA, generator=generator) * (h * w)
+    log_aspect = math.log(ERASE_ASPECT)
+    aspect = torch.empty(n).uniform_(log_aspect, -log_aspect, generator=generator).exp()
+    heights = (area * aspect).sqrt().round().clamp(1, h).long()
+    widths = (area / aspect).sqrt().round().clamp(1, w).long()
+    tops = (torch.rand(n, generator=generator) * (h - heights + 1)).long()
+    lefts = (torch.rand(n, generator=generator) * (w - widths + 1)).long()
+    rows = torch.arange(h)[None, :]
+    cols = torch.arange(w)[None, :]
+    in_rows = (rows >= tops[:, None]) & (rows < (tops + heights)[:, None])  # (N, H)
+    in_cols = (cols >= lefts[:, None]) & (cols < (lefts + widths)[:, None])  # (N, W)
+    mask = chosen[:, None, None] & in_rows[:, :, None] & in_cols[:, None, :]
+    return x.masked_fill(mask[:, None].to(x.device), 0.0)
+
+
 class TrainStream:
     """The training split on the device, served one epoch at a time."""
 
@@ -88,6 +117,7 @@ class TrainStream:
         augment: bool,
         channels_last: bool,
         crop_padding: int = CROP_PADDING,
+        random_erasing: float = 0.0,
     ):
         if len(split) < 2 * world_size:
             # Fewer than 2 images per rank: no step (a batch of one sits out, see
@@ -105,6 +135,7 @@ class TrainStream:
         self.seed = seed
         self.augment = augment
         self.crop_padding = crop_padding
+        self.random_erasing = random_erasing
         self.channels_last = channels_last
 
     @property
@@ -127,7 +158,10 @@ class TrainStream:
             images = augment(
                 images, seeded_generator(self.seed, epoch, self.rank, 1), self.crop_padding
             )
-        return normalise(images, self.channels_last), self.labels[idx]
+        x = normalise(images, self.channels_last)
+        if self.random_erasing > 0:
+            x = erase(x, seeded_generator(self.seed, epoch, self.rank, 2), self.random_erasing)
+        return x, self.labels[idx]
 
     def batch(self, epoch_data: tuple[torch.Tensor, torch.Tensor], step: int):
         x, y = epoch_data

@@ -133,6 +133,7 @@ def build_session(accelerator, plan: RunPlan, cfg: TrainConfig, reporter: Report
         cfg.augment,
         cfg.channels_last,
         cfg.crop_padding,
+        cfg.random_erasing,
     )
 
     if state is not None and state["step"] >= stream.steps_per_epoch:
