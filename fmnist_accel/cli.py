@@ -154,7 +154,9 @@ data_dir_option = click.option(
     "--tta/--no-tta",
     default=False,
     show_default=True,
-    help="Test-time augmentation: average the logits of each image and its mirror.",
+    help="Test-time augmentation: average the logits of each image and its mirror, and, for "
+    "a model trained with random shifts (--augment, --crop-padding above 0), of the pair "
+    "shifted one pixel up-left and one down-right.",
 )
 @click.option(
     "--split",
@@ -366,8 +368,8 @@ def predict_command(
     "--tta/--no-tta",
     default=False,
     show_default=True,
-    help="Put flip test-time augmentation into the graph: the mean of the logits of each image "
-    "and its mirror, as `eval --tta`.",
+    help="Put `eval --tta`'s test-time augmentation into the graph: the mean of the logits of "
+    "each image and its mirror (and its one-pixel shifts, for a model trained with them).",
 )
 @click.option(
     "--opset",

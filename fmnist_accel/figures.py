@@ -45,7 +45,7 @@ def title(kind: str, report: dict, figure_name: str) -> str:
     The figures come first; a run name too long for the line is shortened in its middle."""
     width = int(SIZES[figure_name][0] * CHARS_PER_INCH)
     checkpoint = "/".join(Path(str(report.get("checkpoint", "?"))).parts[-2:])
-    tta = " (flip TTA)" if report.get("tta") else ""
+    tta = f" ({report.get('tta_views') or 'flip'} TTA)" if report.get("tta") else ""
     figures = (
         f"{report['split']} split, {report['num_samples']:,} images: "
         f"accuracy {report['accuracy']:.4f}{tta}"

@@ -10,7 +10,7 @@ from accelerate import Accelerator
 from support.fakedata import fake_split
 from torch import nn
 
-from fmnist_accel.engine.data import Split
+from fmnist_accel.engine.data import MEAN, STD, Split
 from fmnist_accel.engine.device_data import (
     CROP_PADDING,
     EvalSet,
@@ -20,7 +20,7 @@ from fmnist_accel.engine.device_data import (
     erase,
     seeded_generator,
 )
-from fmnist_accel.engine.evaluation import evaluate
+from fmnist_accel.engine.evaluation import evaluate, predict_logits, tta_views
 
 
 def images(n: int = 64) -> torch.Tensor:
@@ -215,3 +215,46 @@ def test_tta_averages_the_logits_of_an_image_and_its_mirror():
     assert evaluate(MirrorSensitive(), data, accelerator, 16, tta=True) == tta
     other_batch = evaluate(MirrorSensitive(), data, accelerator, 7, tta=True)
     assert other_batch.confusion == tta.confusion and abs(other_batch.loss - tta.loss) < 1e-6
+
+
+def test_flip_shift_tta_adds_one_pixel_shifts_of_the_mirror_pair():
+    """ "flip+shift": 1/2 of the flip average, 1/4 each of the flip averages of the images
+    moved one pixel up-left and down-right, with black (normalised) coming in at the edge."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
+    raw = images(8).float()[:, None]
+
+    def norm(pixels):
+        return (pixels - 255 * MEAN) / (255 * STD)
+
+    black = norm(torch.zeros(()))
+
+    def pair(x):
+        return (model(x) + model(x.flip(-1))) / 2
+
+    x = norm(raw)
+    down_right = torch.full_like(x, black)
+    down_right[..., 1:, 1:] = x[..., :-1, :-1]
+    up_left = torch.full_like(x, black)
+    up_left[..., :-1, :-1] = x[..., 1:, 1:]
+    expected = pair(x) / 2 + (pair(down_right) + pair(up_left)) / 4
+    with torch.no_grad():
+        got = predict_logits(model, x, "flip+shift")
+        assert torch.allclose(got, expected, atol=1e-5)
+        assert torch.allclose(predict_logits(model, x, True), pair(x), atol=1e-6)
+        assert torch.allclose(predict_logits(model, x, "flip"), pair(x), atol=1e-6)
+        assert not torch.allclose(got, pair(x), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("config", "views"),
+    [
+        ({"augment": True, "crop_padding": 1}, "flip+shift"),
+        ({"augment": True}, "flip+shift"),  # --crop-padding's default, 2
+        ({"augment": True, "crop_padding": 0}, "flip"),  # the accurate recipe: flips only
+        ({"augment": False, "crop_padding": 2}, "flip"),
+        ({}, "flip"),  # a checkpoint that does not say
+    ],
+)
+def test_tta_views_follow_what_the_model_trained_on(config, views):
+    assert tta_views(config) == views

@@ -85,13 +85,24 @@ def trained_looking_checkpoint(name: str, data_dir: Path, path: Path, seed: int 
     return path
 
 
-def by_hand(model: torch.nn.Module, images: torch.Tensor, tta: bool = False) -> np.ndarray:
-    """The logits as training's normalisation and eval's TTA define them, written out here."""
-    x = (images.reshape(-1, 1, 28, 28).float() - 255 * MEAN) / (255 * STD)
+def by_hand(model: torch.nn.Module, images: torch.Tensor, tta: bool | str = False) -> np.ndarray:
+    """The logits as training's normalisation and eval's TTA define them, written out here:
+    tta True or "flip", or "flip+shift" (the shifts made on the uint8 images, black coming
+    in, before normalising)."""
+    raw = images.reshape(-1, 1, 28, 28).float()
+
+    def logits_of(pixels):
+        x = (pixels - 255 * MEAN) / (255 * STD)
+        return (model(x) + model(x.flip(-1))) / 2 if tta else model(x)
+
     with torch.no_grad():
-        logits = model(x)
-        if tta:
-            logits = (logits + model(x.flip(-1))) / 2
+        logits = logits_of(raw)
+        if tta == "flip+shift":
+            down_right = torch.zeros_like(raw)
+            down_right[..., 1:, 1:] = raw[..., :-1, :-1]
+            up_left = torch.zeros_like(raw)
+            up_left[..., :-1, :-1] = raw[..., 1:, 1:]
+            logits = logits / 2 + (logits_of(down_right) + logits_of(up_left)) / 4
     return logits.double().numpy()
 
 
@@ -131,6 +142,27 @@ def test_every_model_exports_and_passes_the_parity_check(name, data_dir, tmp_pat
     assert given.name == INPUT_NAME and given.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     dims = given.type.tensor_type.shape.dim
     assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == [1, 28, 28]
+
+
+def test_a_shift_trained_model_exports_eval_tta_with_its_shifts(data_dir, tmp_path):
+    """A checkpoint trained with random shifts: export --tta's graph averages the mirror and
+    the one-pixel shifts, as eval --tta does for it; its metadata says so."""
+    path = trained_looking_checkpoint("airbench-s", data_dir, tmp_path / "best.safetensors")
+    model, meta = model_from_checkpoint(path)
+    meta["config"] |= {"augment": True, "crop_padding": 1}
+    test = load_split(data_dir, "test")
+    output = tmp_path / "model.onnx"
+    check = export_checkpoint(model, meta, path, output, test, tta="flip+shift")
+    assert check.max_difference <= check.tolerance and check.classes_differ == 0
+    expected = by_hand(model, test.images, tta="flip+shift")
+    got = open_onnx_model(str(output)).logits(test.images.numpy())
+    assert np.abs(got - expected).max() <= LOGIT_TOLERANCE * max(1, np.abs(expected).max())
+    flip_only = by_hand(model, test.images, tta="flip")
+    assert np.abs(got - flip_only).max() > 1e-3  # the shifts do count
+    proto = onnx.load(output)
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert props["tta"] == "true" and "shifted one pixel" in props["output"]
+    assert "flip+shift TTA" in proto.doc_string
 
 
 def test_an_existing_file_is_replaced_whole(data_dir, tmp_path):

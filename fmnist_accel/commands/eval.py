@@ -129,7 +129,7 @@ def print_tables(report: dict) -> None:
     # output is not a terminal); markup=False: a path may contain [brackets].
     console.print(
         f"{report['checkpoint']} ({report['model']}, epoch {report['epoch']})"
-        + (", flip TTA" if report["tta"] else ""),
+        + (f", {report['tta_views']} TTA" if report["tta"] else ""),
         soft_wrap=True,
         markup=False,
     )

@@ -3,8 +3,9 @@
 against PyTorch with onnxruntime before it replaces anything.
 
 - The graph: the images scaled and normalised as training did (engine/device_data.normalise),
-  the model in eval mode, and with --tta the mean of the logits of each image and its mirror
-  (engine/evaluation.predict_logits, as `eval --tta`); exported by torch's current exporter
+  the model in eval mode, and with --tta the mean of the logits of each image and its mirror,
+  and its one-pixel shifts for a model trained with shifts (engine/evaluation.predict_logits
+  and tta_views, as `eval --tta`); exported by torch's current exporter
   (torch.onnx.export(dynamo=True)) with a dynamic batch dimension. Its input is N x 1 x 28 x
   28: an ONNX graph's input has one rank (onnx's checker refuses an input of open rank), so
   an N x 28 x 28 array needs its channel axis (`images[:, None]`; `predict --onnx` and
@@ -35,7 +36,7 @@ from torch import nn
 
 from ..engine.data import CLASS_NAMES, IMAGE_SIZE, MEAN, STD, Split, load_split
 from ..engine.device_data import normalise
-from ..engine.evaluation import predict_logits
+from ..engine.evaluation import TTA_FLIP, TTA_FLIP_SHIFT, predict_logits, tta_views
 from ..engine.trained_model import data_dir_for, may_download, model_from_checkpoint
 from ..errors import OutputsOverflowed, UserError
 from ..store.atomic import atomic_write
@@ -63,7 +64,7 @@ EXPORTER_MODULES = ("onnx", "onnxscript", "onnxruntime")
 class DeployedModel(nn.Module):
     """uint8 images (N, 1, 28, 28) -> float32 logits (N, 10), as eval computes them."""
 
-    def __init__(self, model: nn.Module, tta: bool):
+    def __init__(self, model: nn.Module, tta: bool | str):
         super().__init__()
         self.model = model
         self.tta = tta
@@ -108,7 +109,8 @@ def run_export(
     warning = tta_warning(path, meta.get("config", {})) if tta else None
     if warning:
         print(f"{program}: warning: {warning}", file=sys.stderr)
-    check = export_checkpoint(model, meta, path, target, test, tta, opset)
+    views = tta_views(meta.get("config", {})) if tta else False  # eval --tta's views
+    check = export_checkpoint(model, meta, path, target, test, views, opset)
     print(parity_line(target, meta, check))
     return 0
 
@@ -155,7 +157,7 @@ def export_checkpoint(
     path: Path,
     output: Path,
     test: Split,
-    tta: bool,
+    tta: bool | str,
     opset: int | None = None,
 ) -> ParityCheck:
     """Export, write to a temporary file, check it, rename it over `output`; the check."""
@@ -238,7 +240,7 @@ def toolkit_version() -> str:
         return "unknown"
 
 
-def onnx_metadata(meta: dict, path: Path, tta: bool) -> dict[str, str]:
+def onnx_metadata(meta: dict, path: Path, tta: bool | str) -> dict[str, str]:
     """The file's metadata_props (commands/onnx_model.METADATA_KEYS), all strings."""
     path = Path(path)
     return {
@@ -253,10 +255,22 @@ def onnx_metadata(meta: dict, path: Path, tta: bool) -> dict[str, str]:
         "input": f"{INPUT_NAME}: uint8 grey levels 0..255, N x 1 x 28 x 28 (any N), a light "
         "item on black as in Fashion-MNIST; the graph scales and normalises them",
         "output": f"{OUTPUT_NAME}: float32 N x {len(CLASS_NAMES)}, one per class of 'classes'"
-        + ("; the mean of each image's and its mirror image's logits" if tta else "")
+        + (f"; {TTA_WORDS[tta if isinstance(tta, str) else TTA_FLIP]}" if tta else "")
         + "; softmax gives the probabilities",
         "normalisation": json.dumps({"mean": round(255 * MEAN, 6), "std": round(255 * STD, 6)}),
     }
+
+
+# What the graph's output is, in the file's metadata, for each of eval --tta's views.
+TTA_WORDS = {
+    TTA_FLIP: "the mean of each image's and its mirror image's logits",
+    TTA_FLIP_SHIFT: "the mean of each image's and its mirror image's logits (weight 1/2) and "
+    "of the same pair shifted one pixel up-left and one down-right (1/4 each)",
+}
+
+
+def tta_views_said(output: str) -> str:
+    return TTA_FLIP_SHIFT if "shifted" in output else TTA_FLIP
 
 
 def set_metadata(proto, values: dict[str, str]) -> None:
@@ -266,7 +280,7 @@ def set_metadata(proto, values: dict[str, str]) -> None:
     helper.set_model_props(proto, values)
     proto.doc_string = (
         f"fmnist-accel {values['model']}, epoch {values['epoch']}"
-        + (", flip TTA" if values["tta"] == "true" else "")
+        + (f", {tta_views_said(values['output'])} TTA" if values["tta"] == "true" else "")
         + f", from {values['checkpoint']}: uint8 images in, logits out"
     )
 

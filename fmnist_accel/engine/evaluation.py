@@ -20,8 +20,8 @@ from torch import nn
 
 from ..cluster.shared_errors import agree
 from ..errors import OutputsOverflowed, UserError
-from .data import CLASS_NAMES, NUM_CLASSES, Split, load_split, train_valid_split
-from .device_data import EvalSet
+from .data import CLASS_NAMES, MEAN, NUM_CLASSES, STD, Split, load_split, train_valid_split
+from .device_data import CROP_PADDING, EvalSet
 from .trained_model import data_dir_for, may_download, model_from_checkpoint
 
 
@@ -51,11 +51,41 @@ class EvalResult:
         return [row[i] / max(1, sum(row)) for i, row in enumerate(self.confusion)]
 
 
-def predict_logits(model, x: torch.Tensor, tta: bool) -> torch.Tensor:
-    """fp32 logits of a batch; with flip TTA, the average with those of its mirror images."""
-    logits = model(x).float()
-    if tta:
-        logits = (logits + model(x.flip(-1)).float()) / 2
+# The views test-time augmentation averages. "flip": each image and its mirror. "flip+shift"
+# (airbench's level 2): that pair weighted 1/2, and the pair shifted one pixel up-left and
+# the pair shifted one pixel down-right, 1/4 each. `--tta` picks the views a model trained
+# on (tta_views): on the validation split the shifts added 0.18 to 0.37 points to four
+# shift-trained runs and cost flip-only ones 0.03 to 0.09 (benchmarks/RESULTS.md).
+TTA_FLIP = "flip"
+TTA_FLIP_SHIFT = "flip+shift"
+BLACK = -MEAN / STD  # a black pixel once normalised: what a shift brings in at the edge
+
+
+def tta_views(config: dict) -> str:
+    """The TTA views for a model trained with `config` (its config.json): flip+shift where
+    it trained on random shifts (--augment with --crop-padding above 0), else flip."""
+    shifts = config.get("augment") and int(config.get("crop_padding", CROP_PADDING)) > 0
+    return TTA_FLIP_SHIFT if shifts else TTA_FLIP
+
+
+def shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """x (N, C, H, W) moved by (dy, dx) pixels, one at most, with black coming in."""
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), value=BLACK)
+    return padded[..., 1 - dy : 1 - dy + h, 1 - dx : 1 - dx + w]
+
+
+def predict_logits(model, x: torch.Tensor, tta: bool | str) -> torch.Tensor:
+    """fp32 logits of a batch. tta: False, "flip" (True means it too) or "flip+shift"."""
+    if not tta:
+        return model(x).float()
+
+    def with_mirror(images):
+        return (model(images).float() + model(images.flip(-1)).float()) / 2
+
+    logits = with_mirror(x)
+    if tta == TTA_FLIP_SHIFT:
+        logits = logits / 2 + (with_mirror(shifted(x, -1, -1)) + with_mirror(shifted(x, 1, 1))) / 4
     return logits
 
 
@@ -65,7 +95,7 @@ def evaluate(
     eval_set: EvalSet,
     accelerator,
     batch_size: int,
-    tta: bool = False,
+    tta: bool | str = False,
     mistakes: int = 0,
 ) -> EvalResult:
     """Collective: exact loss and accuracy over all samples of every rank's shard.
@@ -73,8 +103,9 @@ def evaluate(
     Each rank sums per-sample losses and fills a confusion matrix for its own shard; one
     all-reduce adds them up. `model` must be the plain module (not DDP): shards differ in
     size, so no collective may run per batch. tta: average the logits of each image and its
-    horizontal mirror. mistakes: also find the `mistakes` most confident wrong predictions
-    of all ranks, from the same logits as the confusion matrix (one gather more).
+    horizontal mirror ("flip" or True), and of its one-pixel shifts ("flip+shift").
+    mistakes: also find the `mistakes` most confident wrong predictions of all ranks, from
+    the same logits as the confusion matrix (one gather more).
     """
     was_training = model.training
     model.eval()
@@ -198,7 +229,7 @@ class CheckpointEvaluation:
     split_name: str  # "test" or "valid"
     split: Split  # the whole split, on the CPU (its images are drawn for the mistakes)
     result: EvalResult
-    tta: bool
+    tta: str | bool  # the views averaged (tta_views), or False
 
 
 def load_checkpoint_and_split(
@@ -241,13 +272,14 @@ def evaluate_loaded(
     loaded already (load_checkpoint_and_split)."""
     model, meta, images = loaded
     model, eval_set = on_device(accelerator, model, images)
-    result = evaluate(model, eval_set, accelerator, batch_size, tta=tta, mistakes=mistakes)
+    views = tta_views(meta.get("config", {})) if tta else False
+    result = evaluate(model, eval_set, accelerator, batch_size, tta=views, mistakes=mistakes)
     if not math.isfinite(result.loss):  # the same reduced loss on every rank: all raise
         raise OutputsOverflowed(
             f"{path}: the model's outputs overflow on the {split} split (non-finite logits; "
             "its weights are finite but too large): use another checkpoint"
         )
-    return CheckpointEvaluation(Path(path), meta, split, images, result, tta)
+    return CheckpointEvaluation(Path(path), meta, split, images, result, views)
 
 
 def eval_report(evaluation: CheckpointEvaluation, processes: int) -> dict[str, Any]:
@@ -264,6 +296,7 @@ def eval_report(evaluation: CheckpointEvaluation, processes: int) -> dict[str, A
         "per_class_accuracy": dict(zip(CLASS_NAMES, result.per_class_accuracy, strict=True)),
         "confusion_matrix": result.confusion,
         "classes": list(CLASS_NAMES),
-        "tta": evaluation.tta,
+        "tta": bool(evaluation.tta),
+        "tta_views": evaluation.tta or None,  # "flip" or "flip+shift" (tta_views)
         "num_processes": processes,
     }
