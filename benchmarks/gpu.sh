@@ -8,7 +8,7 @@
 #      best-checkpoint test accuracy; eager, with --compile, and a candidate (batch 2048,
 #      lr 6e-3, --compile);
 #   2. fixed schedules fitted to 15 s and 45 s of training (targets 0.955 and 0.960, test
-#      accuracy of the last checkpoint with flip TTA, `fmnist-accel eval last --tta`): the
+#      accuracy of the last checkpoint with its TTA, `fmnist-accel eval last --tta`): the
 #      high-accuracy recipe (ResNet-9, --valid-size 0) and the accurate recipe (airbench-s).
 #      A 2-epoch probe run first measures the first and the later epochs' seconds; each budget
 #      then gets the first epoch and as many later ones as fit 98% of it;
@@ -109,7 +109,7 @@ bench reach default-compile "${TARGET[@]}" -- --mixed-precision bf16 "${COMPILE[
 bench reach b2048-lr6e-3-compile "${TARGET[@]}" -- --batch-size 2048 --lr 6e-3 \
     --mixed-precision bf16 "${COMPILE[@]}" "${SHORT[@]}"
 
-step "2. fixed schedules fitted to 15 s and 45 s (targets 0.955 and 0.960, flip TTA)"
+step "2. fixed schedules fitted to 15 s and 45 s (targets 0.955 and 0.960, eval --tta)"
 bench fitted high-accuracy "${FIT[@]}" -- --recipe high-accuracy --valid-size 0 \
     --mixed-precision bf16
 bench fitted accurate "${FIT[@]}" -- --recipe accurate --mixed-precision bf16

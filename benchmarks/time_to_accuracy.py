@@ -12,7 +12,7 @@ rewrites OUT/results.md, and prints one line per row with "met" or "not met" bes
     time_to_accuracy.py fitted NAME --budgets 15,45 --targets 0.955,0.96 -- TRAIN_OPTIONS
         a fixed schedule fitted to each budget: a probe run (--probe-epochs) measures the first
         epoch's and a later epoch's seconds; each budget then gets the most epochs that fit it,
-        and `fmnist-accel eval last --tta --json` (flip TTA) gives its test accuracy
+        and `fmnist-accel eval last --tta --json` (its TTA) gives its test accuracy
     time_to_accuracy.py once NAME -- TRAIN_OPTIONS
         one run: its training time and the final test accuracy of its checkpoint
     time_to_accuracy.py throughput NAME --target 700000 -- TRAIN_OPTIONS
@@ -287,10 +287,10 @@ def fitted(
                 "name": run_name,
                 "command": command_of(run_options),
                 "figures": f"{plural(epochs, 'epoch')} fitted to {budget:g} s: {elapsed:.1f} s of "
-                f"training; test accuracy of last + flip TTA (eval --tta) {tta:.4f}, without TTA "
+                f"training; test accuracy of last + TTA (eval --tta) {tta:.4f}, without TTA "
                 f"{fmt(final_test(run))}; start-up {fmt(run['startup_seconds'], '.1f', ' s')}, "
                 f"wall {run['wall_seconds']:.1f} s",
-                "target": f">= {target} within {budget:g} s (flip TTA)",
+                "target": f">= {target} within {budget:g} s (eval --tta)",
                 "met": tta >= target and elapsed <= budget,
                 "budget_seconds": budget,
                 "epochs": epochs,
