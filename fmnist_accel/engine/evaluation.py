@@ -54,8 +54,8 @@ class EvalResult:
 # The views test-time augmentation averages. "flip": each image and its mirror. "flip+shift"
 # (airbench's level 2): that pair weighted 1/2, and the pair shifted one pixel up-left and
 # the pair shifted one pixel down-right, 1/4 each. `--tta` picks the views a model trained
-# on (tta_views): on the validation split the shifts added 0.18 to 0.37 points to four
-# shift-trained runs and cost flip-only ones 0.03 to 0.09 (benchmarks/RESULTS.md).
+# on (tta_views): on the validation split the shifts added 0.05 to 0.37 points to five
+# shift-trained runs and cost two flip-only ones 0.03 and 0.09 (benchmarks/RESULTS.md).
 TTA_FLIP = "flip"
 TTA_FLIP_SHIFT = "flip+shift"
 BLACK = -MEAN / STD  # a black pixel once normalised: what a shift brings in at the edge
