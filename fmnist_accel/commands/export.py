@@ -163,7 +163,7 @@ def export_checkpoint(
     """Export, write to a temporary file, check it, rename it over `output`; the check."""
     deployed = DeployedModel(model, tta)
     proto = build_onnx(deployed, opset)
-    set_metadata(proto, onnx_metadata(meta, path, tta))
+    set_metadata(proto, onnx_metadata(meta, path, tta), tta)
     data = proto.SerializeToString()
     found: list[ParityCheck] = []
 
@@ -269,18 +269,14 @@ TTA_WORDS = {
 }
 
 
-def tta_views_said(output: str) -> str:
-    return TTA_FLIP_SHIFT if "shifted" in output else TTA_FLIP
-
-
-def set_metadata(proto, values: dict[str, str]) -> None:
+def set_metadata(proto, values: dict[str, str], tta: bool | str) -> None:
     from onnx import helper
 
     del proto.metadata_props[:]
     helper.set_model_props(proto, values)
     proto.doc_string = (
         f"fmnist-accel {values['model']}, epoch {values['epoch']}"
-        + (f", {tta_views_said(values['output'])} TTA" if values["tta"] == "true" else "")
+        + (f", {tta if isinstance(tta, str) else TTA_FLIP} TTA" if tta else "")
         + f", from {values['checkpoint']}: uint8 images in, logits out"
     )
 
