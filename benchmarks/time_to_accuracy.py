@@ -329,22 +329,26 @@ def once(
         else f"test accuracy {fmt(accuracy)} ({checkpoint}, no TTA)"
     )
     judge = target is not None and budget is not None
+    warm = warmup_seconds(records)
+    startup = fmt(run["startup_seconds"], ".1f", " s")
     bench.add(
         {
             "name": name,
             "command": command_of(options),
             "figures": f"{plural(len(records), 'epoch')}, {elapsed:.1f} s of training "
-            f"({elapsed - warmup_seconds(records):.1f} s without epoch 1's warm-up); {judged}; "
-            f"start-up {fmt(run['startup_seconds'], '.1f', ' s')}, wall {run['wall_seconds']:.1f} s",
-            "target": f">= {target} within {budget:g} s" + (" (eval --tta)" if tta else "")
-            if judge
-            else "-",
-            "met": (accuracy is not None and accuracy >= target and elapsed <= budget)
-            if judge
-            else None,
+            f"({elapsed - warm:.1f} s without epoch 1's warm-up); {judged}; "
+            f"start-up {startup}, wall {run['wall_seconds']:.1f} s",
+            "target": (
+                f">= {target} within {budget:g} s" + (" (eval --tta)" if tta else "")
+                if judge
+                else "-"
+            ),
+            "met": (
+                accuracy is not None and accuracy >= target and elapsed <= budget if judge else None
+            ),
             "epochs": len(records),
             "training_seconds": elapsed,
-            "warmup_seconds": warmup_seconds(records),
+            "warmup_seconds": warm,
             "test_accuracy": accuracy,
             "last_test_accuracy": final_test(run),
             "tta": tta,
