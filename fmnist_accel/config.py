@@ -155,6 +155,12 @@ class TrainConfig:
         min=0,
         max=14,
     )
+    alternating_flips: bool = option(
+        False,
+        "With --augment: flip each training image in every other epoch, starting from a random "
+        "half, instead of by a coin toss each epoch, so that each image is seen both ways in "
+        "any two epochs in a row (airbench's alternating flip).",
+    )
     random_erasing: float = option(
         0.0,
         "The chance that a training image gets a random rectangle (2 to 40% of its area, "

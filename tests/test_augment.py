@@ -18,6 +18,7 @@ from fmnist_accel.engine.device_data import (
     augment,
     epoch_indices,
     erase,
+    normalise,
     seeded_generator,
 )
 from fmnist_accel.engine.evaluation import evaluate, predict_logits, tta_views
@@ -111,6 +112,58 @@ def test_an_epoch_with_crop_padding_0_holds_each_image_or_its_mirror():
     same = [b.equal(a) for a, b in pairs]
     assert all(m or s for m, s in zip(mirrored, same, strict=True))
     assert 60 < sum(mirrored) < 140  # about half of the 200
+
+
+def flipped_in_epoch(stream: TrainStream, split: Split, epoch: int) -> dict[int, bool]:
+    """{training image index: whether the stream's epoch showed it mirrored} (flips only)."""
+    x, _ = stream.epoch(epoch)
+    order = epoch_indices(len(split), stream.world_size, stream.rank, stream.seed, epoch)
+    seen = {}
+    for i, shown in zip(order.tolist(), x[:, 0], strict=True):
+        source = normalise(split.images[i : i + 1])[0, 0]
+        assert shown.equal(source) or shown.equal(source.flip(-1))
+        seen[i] = shown.equal(source.flip(-1))
+    return seen
+
+
+def test_alternating_flips_show_each_image_both_ways_in_any_two_epochs_on_every_rank():
+    """A random half of the images is mirrored in even epochs and the other half in odd ones,
+    the same half on every rank (it is drawn by image index); coin tosses do not do that."""
+    raw_images, labels = fake_split(200, seed=6)
+    split = Split(raw_images, labels.long())
+    kwargs = dict(seed=3, augment=True, channels_last=False, crop_padding=0)
+    ranks = [
+        TrainStream(split, torch.device("cpu"), 16, 2, rank, alternate_flips=True, **kwargs)
+        for rank in (0, 1)
+    ]
+    by_epoch = [{} for _ in range(4)]
+    for epoch, seen in enumerate(by_epoch):
+        for stream in ranks:
+            seen.update(flipped_in_epoch(stream, split, epoch))
+    assert len(by_epoch[0]) == 200  # the two ranks together saw every image
+    for image in range(200):
+        assert by_epoch[0][image] != by_epoch[1][image]
+        assert by_epoch[0][image] == by_epoch[2][image] != by_epoch[3][image]
+    assert 60 < sum(by_epoch[0].values()) < 140  # a random half
+    other_seed = TrainStream(
+        split, torch.device("cpu"), 16, 1, 0, alternate_flips=True, **{**kwargs, "seed": 4}
+    )
+    assert flipped_in_epoch(other_seed, split, 0) != by_epoch[0]
+    tossed = TrainStream(split, torch.device("cpu"), 16, 1, 0, **kwargs)
+    first, second = (flipped_in_epoch(tossed, split, epoch) for epoch in (0, 1))
+    assert any(first[i] == second[i] for i in range(200))
+
+
+def test_alternating_flips_leave_the_shifts_as_they_were():
+    """Only the flips change: each image is the same crop as without them, mirrored or not."""
+    raw_images, labels = fake_split(100, seed=8)
+    split = Split(raw_images, labels.long())
+    kwargs = dict(seed=5, augment=True, channels_last=False, crop_padding=2)
+    tossed = TrainStream(split, torch.device("cpu"), 16, 1, 0, **kwargs).epoch(1)[0]
+    alternated = TrainStream(split, torch.device("cpu"), 16, 1, 0, alternate_flips=True, **kwargs)
+    for a, b in zip(tossed[:, 0], alternated.epoch(1)[0][:, 0], strict=True):
+        assert b.equal(a) or b.equal(a.flip(-1))
+    assert not alternated.epoch(1)[0].equal(tossed)
 
 
 def test_random_erasing_blanks_one_rectangle_in_about_that_share_of_images():

@@ -53,20 +53,26 @@ def epoch_indices(n: int, world_size: int, rank: int, seed: int, epoch: int) -> 
 
 
 def augment(
-    images: torch.Tensor, generator: torch.Generator, padding: int = CROP_PADDING
+    images: torch.Tensor,
+    generator: torch.Generator,
+    padding: int = CROP_PADDING,
+    flips: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Random crop with zero padding `padding` (0: none) and random horizontal flip, per image.
 
     images: uint8 (N, 28, 28) on any device; the random draws come from `generator` (CPU)
-    so they do not depend on the device. Labels are untouched by construction.
+    so they do not depend on the device. flips: which images to flip (bool, N), instead of a
+    coin toss each. Labels are untouched by construction.
     """
     n, h, w = images.shape
     p = padding
-    if p == 0:
-        flips = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+    shifts = torch.randint(0, 2 * p + 1, (2, n), generator=generator) if p else None
+    if flips is None:
+        flips = torch.rand(n, generator=generator) < 0.5
+    flips = flips.to(images.device)
+    if shifts is None:
         return torch.where(flips[:, None, None], images.flip(-1), images)
-    shifts = torch.randint(0, 2 * p + 1, (2, n), generator=generator).to(images.device)
-    flips = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+    shifts = shifts.to(images.device)
     padded = F.pad(images, (p, p, p, p))
     rows = shifts[0][:, None] + torch.arange(h, device=images.device)  # (N, h)
     cols = shifts[1][:, None] + torch.arange(w, device=images.device)  # (N, w)
@@ -74,6 +80,14 @@ def augment(
         torch.arange(n, device=images.device)[:, None, None], rows[:, :, None], cols[:, None, :]
     ]
     return torch.where(flips[:, None, None], cropped.flip(-1), cropped)
+
+
+def alternating_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """Which of the n training images (by their index in the split) to flip in `epoch`: a
+    random half in even epochs, the other half in odd ones (airbench's alternating flip). The
+    half depends on the seed alone, so every rank draws the same."""
+    first = torch.rand(n, generator=seeded_generator(seed, 3)) < 0.5
+    return first ^ bool(epoch % 2)
 
 
 # Random erasing's rectangles, as Zhong et al. (2017) draw them: an area of 2 to 40% of the
@@ -118,6 +132,7 @@ class TrainStream:
         channels_last: bool,
         crop_padding: int = CROP_PADDING,
         random_erasing: float = 0.0,
+        alternate_flips: bool = False,
     ):
         if len(split) < 2 * world_size:
             # Fewer than 2 images per rank: no step (a batch of one sits out, see
@@ -136,6 +151,7 @@ class TrainStream:
         self.augment = augment
         self.crop_padding = crop_padding
         self.random_erasing = random_erasing
+        self.alternate_flips = alternate_flips
         self.channels_last = channels_last
 
     @property
@@ -151,12 +167,17 @@ class TrainStream:
 
     def epoch(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, labels) of this rank for `epoch`, already augmented and normalised."""
-        idx = epoch_indices(len(self.labels), self.world_size, self.rank, self.seed, epoch)
-        idx = idx.to(self.images.device)
+        order = epoch_indices(len(self.labels), self.world_size, self.rank, self.seed, epoch)
+        idx = order.to(self.images.device)
         images = self.images[idx]
         if self.augment:
+            flips = (
+                alternating_flips(len(self.labels), self.seed, epoch)[order]
+                if self.alternate_flips
+                else None
+            )
             images = augment(
-                images, seeded_generator(self.seed, epoch, self.rank, 1), self.crop_padding
+                images, seeded_generator(self.seed, epoch, self.rank, 1), self.crop_padding, flips
             )
         x = normalise(images, self.channels_last)
         if self.random_erasing > 0:

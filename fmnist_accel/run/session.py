@@ -134,6 +134,7 @@ def build_session(accelerator, plan: RunPlan, cfg: TrainConfig, reporter: Report
         cfg.channels_last,
         cfg.crop_padding,
         cfg.random_erasing,
+        cfg.alternating_flips,
     )
 
     if state is not None and state["step"] >= stream.steps_per_epoch:
