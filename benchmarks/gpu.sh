@@ -31,9 +31,9 @@
 #
 # Needs torch with CUDA, accelerate, tensorboard, rich, click, safetensors; the package itself
 # is taken from this checkout through PYTHONPATH (nothing is installed). Duration on one H100
-# or H200: about 8 minutes for steps 0-3 (19 training processes of 10-20 s start-up each,
-# about 40 s with --compile, 6 `eval --tta` processes and about 2 minutes of training);
-# TIME_BUDGET (default 480 s) decides which of step 4's runs start. Give the command a 600 s
+# or H200: about 7 minutes for steps 0-3 (12 training processes of 10-15 s start-up each,
+# about 35 s for the 3 compiled ones, 5 `eval --tta` processes and about 1.5 minutes of
+# training; on an H200, steps 0-2 took 265 s and step 3 150 s); TIME_BUDGET (default 480 s) decides which of step 4's runs start. Give the command a 600 s
 # limit, or run it in two parts with ONLY. OUT gets four small files: machine.txt,
 # results.jsonl (one JSON object per run, as it ends), results.md (the table so far) and
 # runs.log (the last lines of each process's output). Exits 1 if a run failed, 2 without a
