@@ -68,8 +68,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         # fill most of the 3 minutes: on validation, seeds 0, 1 and 2, 14 epochs gave 0.9454
         # on average with flip TTA against 10 epochs' 0.9445 (a gain within a seed's spread)
         "epochs": 14,
-        # Flips only: 10 epochs are too few for random shifts to pay (on validation, shifts
-        # with flip+shift TTA: 0.9435 against 0.9469); the flips also let `eval --tta`
+        # Flips only: at 10 epochs random shifts did not pay (on validation, shifts with
+        # flip+shift TTA: 0.9435 against 0.9469); the flips also let `eval --tta`
         # average each image with its mirror (+0.2 to +0.3 points).
         "augment": True,
         "crop_padding": 0,
@@ -78,11 +78,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     # flips. Shifts of up to 2 pixels held airbench-m near 0.93 until the learning rate fell,
     # and it ended at 0.9533 with flip TTA (benchmarks/RESULTS.md). Trained with shifts, it is
     # judged with `eval --tta`'s shifted views too: +0.18 to +0.37 on validation. On
-    # validation, 50 epochs, random erasing and a wider airbench gave no more than this.
+    # validation, 50 epochs, random erasing, alternating flips and a wider airbench gave no
+    # more than this.
     "accurate-long": {
         **SPEED_RUN,
         "model": "airbench-m",  # wider than airbench-s: 0.50M parameters
-        # about 14 s each on 2 cores with AMX in bf16 (335 to 357 s measured); an EPYC without
+        # about 14 s each on 2 cores with AMX in bf16 (335 to 368 s measured); an EPYC without
         # AMX: about 31 s (745 to 759 s)
         "epochs": 24,
         "augment": True,
