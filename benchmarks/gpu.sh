@@ -9,8 +9,8 @@
 #      targets: fast to 0.93 within 5 s, accurate to 0.95 within 10 s (last checkpoint with
 #      its TTA, `fmnist-accel eval last --tta`), accurate-long to 0.96 within 30 s (eval --tta,
 #      with its shifted views);
-#   2. the same models at the GPU's batch, 1024 at lr 0.8 (a quarter of the steps, each about
-#      as long: eager steps of these small nets are bound by kernel launches; checked on the
+#   2. the same models at the GPU's batch, 1024 at lr 0.8 (a quarter of the steps per epoch,
+#      each about as long: eager steps of these small nets are bound by kernel launches; checked on the
 #      CPU's validation split, benchmarks/RESULTS.md), with fixed schedules fitted to the
 #      budgets: accurate to 5 s and 10 s (targets 0.93 and 0.95), accurate-long to 30 s (0.96).
 #      A 2-epoch probe run first measures the first and the later epochs' seconds; each budget

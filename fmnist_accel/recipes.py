@@ -14,8 +14,8 @@ from typing import Any
 SPEED_RUN: dict[str, Any] = {
     # 256 rather than 512: twice the steps per epoch, at the same images/s on a CPU. On a GPU,
     # where a step costs about the same at any batch up to 1024, `--batch-size 1024 --lr 0.8`
-    # with twice the epochs matches it on validation in a quarter of the steps (0.952 in 7.9 s
-    # on one H200: benchmarks/RESULTS.md)
+    # with twice the epochs matches it on validation in half the steps (0.952 in 7.9 s on one
+    # H200: benchmarks/RESULTS.md)
     "batch_size": 256,
     "optimizer": "sgd",  # Nesterov; with OneCycle it converges in a few epochs
     "lr": 0.2,  # 0.4 at 512 in the high-accuracy recipe, scaled with the batch

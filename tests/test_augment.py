@@ -133,7 +133,7 @@ def test_alternating_flips_show_each_image_both_ways_in_any_two_epochs_on_every_
     split = Split(raw_images, labels.long())
     kwargs = dict(seed=3, augment=True, channels_last=False, crop_padding=0)
     ranks = [
-        TrainStream(split, torch.device("cpu"), 16, 2, rank, alternate_flips=True, **kwargs)
+        TrainStream(split, torch.device("cpu"), 16, 2, rank, alternating_flips=True, **kwargs)
         for rank in (0, 1)
     ]
     by_epoch = [{} for _ in range(4)]
@@ -146,7 +146,7 @@ def test_alternating_flips_show_each_image_both_ways_in_any_two_epochs_on_every_
         assert by_epoch[0][image] == by_epoch[2][image] != by_epoch[3][image]
     assert 60 < sum(by_epoch[0].values()) < 140  # a random half
     other_seed = TrainStream(
-        split, torch.device("cpu"), 16, 1, 0, alternate_flips=True, **{**kwargs, "seed": 4}
+        split, torch.device("cpu"), 16, 1, 0, alternating_flips=True, **{**kwargs, "seed": 4}
     )
     assert flipped_in_epoch(other_seed, split, 0) != by_epoch[0]
     tossed = TrainStream(split, torch.device("cpu"), 16, 1, 0, **kwargs)
@@ -160,7 +160,7 @@ def test_alternating_flips_leave_the_shifts_as_they_were():
     split = Split(raw_images, labels.long())
     kwargs = dict(seed=5, augment=True, channels_last=False, crop_padding=2)
     tossed = TrainStream(split, torch.device("cpu"), 16, 1, 0, **kwargs).epoch(1)[0]
-    alternated = TrainStream(split, torch.device("cpu"), 16, 1, 0, alternate_flips=True, **kwargs)
+    alternated = TrainStream(split, torch.device("cpu"), 16, 1, 0, alternating_flips=True, **kwargs)
     for a, b in zip(tossed[:, 0], alternated.epoch(1)[0][:, 0], strict=True):
         assert b.equal(a) or b.equal(a.flip(-1))
     assert not alternated.epoch(1)[0].equal(tossed)

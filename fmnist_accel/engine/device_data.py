@@ -82,7 +82,7 @@ def augment(
     return torch.where(flips[:, None, None], cropped.flip(-1), cropped)
 
 
-def alternating_flips(n: int, seed: int, epoch: int) -> torch.Tensor:
+def alternating_flip_mask(n: int, seed: int, epoch: int) -> torch.Tensor:
     """Which of the n training images (by their index in the split) to flip in `epoch`: a
     random half in even epochs, the other half in odd ones (airbench's alternating flip). The
     half depends on the seed alone, so every rank draws the same."""
@@ -132,7 +132,7 @@ class TrainStream:
         channels_last: bool,
         crop_padding: int = CROP_PADDING,
         random_erasing: float = 0.0,
-        alternate_flips: bool = False,
+        alternating_flips: bool = False,
     ):
         if len(split) < 2 * world_size:
             # Fewer than 2 images per rank: no step (a batch of one sits out, see
@@ -151,7 +151,7 @@ class TrainStream:
         self.augment = augment
         self.crop_padding = crop_padding
         self.random_erasing = random_erasing
-        self.alternate_flips = alternate_flips
+        self.alternating_flips = alternating_flips
         self.channels_last = channels_last
 
     @property
@@ -172,8 +172,8 @@ class TrainStream:
         images = self.images[idx]
         if self.augment:
             flips = (
-                alternating_flips(len(self.labels), self.seed, epoch)[order]
-                if self.alternate_flips
+                alternating_flip_mask(len(self.labels), self.seed, epoch)[order]
+                if self.alternating_flips
                 else None
             )
             images = augment(
