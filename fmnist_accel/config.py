@@ -328,6 +328,7 @@ def unused_options(explicit: dict[str, Any], cfg: TrainConfig) -> list[str]:
         "early_stopping_min_delta": not cfg.early_stopping,
         "best_metric": cfg.valid_size == 0,
         "crop_padding": not cfg.augment,
+        "alternating_flips": not cfg.augment,
     }
     return [name for name, idle in unused.items() if idle and explicit.get(name) is not None]
 

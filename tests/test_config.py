@@ -15,3 +15,7 @@ def test_options_that_have_no_effect_are_named():
     assert unused_options(explicit, resolve_config(explicit)) == ["crop_padding"]
     explicit = {"recipe": "accurate", "crop_padding": 1}  # it does: flips, now with shifts
     assert unused_options(explicit, resolve_config(explicit)) == []
+    explicit = {"alternating_flips": True}  # no flips to alternate
+    assert unused_options(explicit, resolve_config(explicit)) == ["alternating_flips"]
+    explicit = {"recipe": "accurate-long", "alternating_flips": True}
+    assert unused_options(explicit, resolve_config(explicit)) == []
