@@ -71,8 +71,7 @@ write_fashion_dir(sys.argv[1], 1000, 200)' "$DATA" || exit 1
     SHORT=(--epochs 2 --valid-size 200)
     COMPILE=()
     FIT_S=(--budgets "2,4" --targets "0.93,0.95" --max-epochs 1)
-    FIT_M=(--budgets 4 --targets 0.96 --max-epochs 1)
-    FIT_R=(--budgets 4 --targets 0.96 --max-epochs 1)
+    FIT_L=(--budgets 4 --targets 0.96 --max-epochs 1)
     WHOLE=(--epochs 1)  # the recipes' whole schedules
     VALID=(--valid-size 200)
     EPOCHS3=2  # throughput: epoch 1 (warm-up) and one measured epoch
@@ -80,8 +79,7 @@ else
     SHORT=()
     COMPILE=(--compile)
     FIT_S=(--budgets "5,10" --targets "0.93,0.95")
-    FIT_M=(--budgets 30 --targets 0.96)
-    FIT_R=(--budgets 30 --targets 0.96)
+    FIT_L=(--budgets 30 --targets 0.96)  # accurate-long and high-accuracy
     WHOLE=()
     VALID=()
     EPOCHS3=3
@@ -139,7 +137,7 @@ fi
 if wanted 2; then
     step "2. batch 1024, lr 0.8: accurate fitted to 5 s and 10 s, accurate-long to 30 s (eval --tta)"
     bench fitted accurate-b1024 "${FIT_S[@]}" -- --recipe accurate "${GPU_BATCH[@]}" "${BF16[@]}"
-    bench fitted accurate-long-b1024 "${FIT_M[@]}" -- --recipe accurate-long "${GPU_BATCH[@]}" \
+    bench fitted accurate-long-b1024 "${FIT_L[@]}" -- --recipe accurate-long "${GPU_BATCH[@]}" \
         "${BF16[@]}"
 fi
 
@@ -157,7 +155,7 @@ if wanted 4; then
         bench reach default-eager --target 0.93 --budget 10 -- "${BF16[@]}" "${SHORT[@]}"
     fi
     if fits 110; then
-        bench fitted high-accuracy "${FIT_R[@]}" -- --recipe high-accuracy --valid-size 0 \
+        bench fitted high-accuracy "${FIT_L[@]}" -- --recipe high-accuracy --valid-size 0 \
             "${BF16[@]}"
     fi
 fi

@@ -187,6 +187,12 @@ def fmt(value: float | None, spec: str = ".4f", unit: str = "") -> str:
     return "n/a" if value is None else f"{value:{spec}}{unit}"
 
 
+def tta_figures(tta: float, run: dict) -> str:
+    return (
+        f"test accuracy of last + TTA (eval --tta) {fmt(tta)}, without TTA {fmt(final_test(run))}"
+    )
+
+
 # -- measurements ------------------------------------------------------------------------------
 def reach(bench: Bench, name: str, target: float, budget: float, options: list[str]) -> bool:
     options = ["--test-every-epoch", *options]
@@ -288,9 +294,8 @@ def fitted(
                 "name": run_name,
                 "command": command_of(run_options),
                 "figures": f"{plural(epochs, 'epoch')} fitted to {budget:g} s: {elapsed:.1f} s of "
-                f"training; test accuracy of last + TTA (eval --tta) {tta:.4f}, without TTA "
-                f"{fmt(final_test(run))}; start-up {fmt(run['startup_seconds'], '.1f', ' s')}, "
-                f"wall {run['wall_seconds']:.1f} s",
+                f"training; {tta_figures(tta, run)}; start-up "
+                f"{fmt(run['startup_seconds'], '.1f', ' s')}, wall {run['wall_seconds']:.1f} s",
                 "target": f">= {target} within {budget:g} s (eval --tta)",
                 "met": tta >= target and elapsed <= budget,
                 "budget_seconds": budget,
@@ -323,8 +328,7 @@ def once(
     elapsed = records[-1]["elapsed"]
     checkpoint = (run["summary"].get("final_test") or {}).get("checkpoint", "-")
     judged = (
-        f"test accuracy of last + TTA (eval --tta) {fmt(accuracy)}, without TTA "
-        f"{fmt(final_test(run))}"
+        tta_figures(accuracy, run)
         if tta
         else f"test accuracy {fmt(accuracy)} ({checkpoint}, no TTA)"
     )
